@@ -1,0 +1,127 @@
+"""The demo's results: per-class Dice (nnU-Net's evaluation), cost figures, a table and a figure."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+TIMING_FILE = "training_timing.json"
+
+
+@dataclass
+class TrainerResult:
+    trainer: str
+    dice_per_class: Dict[str, float]
+    mean_dice: float
+    seconds_per_iteration: Optional[float]
+    seconds_per_case: Optional[float]
+
+
+def _label_names(dataset_json: dict) -> Dict[int, str]:
+    return {int(v): k for k, v in dataset_json["labels"].items() if isinstance(v, int) and int(v) != 0}
+
+
+def collect_results(paths, dataset: str, trainers: Sequence[str], cases: Sequence[str],
+                    prediction_seconds: Dict[str, float]) -> List[TrainerResult]:
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    dataset_json = json.loads((paths.raw / dataset / "dataset.json").read_text())
+    names = _label_names(dataset_json)
+    results = []
+    for trainer in trainers:
+        out = paths.predictions(trainer)
+        summary = compute_metrics_on_folder(str(paths.raw / dataset / "labelsTr"), str(out),
+                                            str(out / "summary.json"), SimpleITKIO(), dataset_json["file_ending"],
+                                            sorted(names), None, num_processes=2, chill=True)
+        per_class = {names[int(k)]: float(v["Dice"]) for k, v in summary["mean"].items()}
+        timing = paths.results / dataset / f"{trainer}__nnUNetPlans__3d_cpu" / "fold_0" / TIMING_FILE
+        seconds = json.loads(timing.read_text())["median_seconds_per_iteration"] if timing.is_file() else None
+        results.append(TrainerResult(trainer, per_class, float(summary["foreground_mean"]["Dice"]), seconds,
+                                     prediction_seconds.get(trainer)))
+    return results
+
+
+def markdown_table(results: Sequence[TrainerResult], baseline: Optional[str] = None) -> str:
+    classes = list(results[0].dice_per_class)
+    base = next((r for r in results if r.trainer == baseline), results[0])
+    header = ["trainer", *[f"Dice {c}" for c in classes], "mean Dice", "s / train iteration", "x vanilla",
+              "s / predicted case"]
+    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in results:
+        ratio = (f"{r.seconds_per_iteration / base.seconds_per_iteration:.2f}"
+                 if r.seconds_per_iteration and base.seconds_per_iteration else "n/a")
+        cells = [r.trainer, *[f"{r.dice_per_class[c]:.3f}" for c in classes], f"**{r.mean_dice:.3f}**",
+                 f"{r.seconds_per_iteration:.2f}" if r.seconds_per_iteration else "n/a", ratio,
+                 f"{r.seconds_per_case:.1f}" if r.seconds_per_case else "n/a"]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def _overlay(ax, image: np.ndarray, labels: Optional[np.ndarray], title: str, num_classes: int) -> None:
+    import matplotlib.pyplot as plt
+    ax.imshow(image, cmap="gray")
+    if labels is not None:
+        colours = plt.get_cmap("tab10")
+        rgba = np.zeros((*labels.shape, 4))
+        for c in range(1, num_classes + 1):
+            rgba[labels == c] = (*colours(c - 1)[:3], 0.55)
+        ax.imshow(rgba)
+    ax.set_title(title, fontsize=9)
+    ax.axis("off")
+
+
+def write_report(paths, dataset: str, results: Sequence[TrainerResult], cases: Sequence[str]) -> Path:
+    """Writes results.md / results.csv / results.png in the work folder; returns the .md path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import SimpleITK as sitk
+
+    table = markdown_table(results, baseline=results[0].trainer)
+    md_path = paths.workdir / "results.md"
+    md_path.write_text(
+        f"# nnunetv2-proto demo ({dataset}, 3d_cpu, fold 0, {len(cases)} validation cases)\n\n{table}\n\n"
+        "Dice: nnU-Net's compute_metrics_on_folder on nnUNetv2_predict outputs. s / train iteration: median "
+        "training-phase time per iteration (training_timing.json). s / predicted case: nnUNetv2_predict wall "
+        "time divided by cases, model loading included.\n")
+    classes = list(results[0].dice_per_class)
+    with open(paths.workdir / "results.csv", "w") as f:
+        f.write(",".join(["trainer", *classes, "mean", "s_per_iteration", "s_per_case"]) + "\n")
+        for r in results:
+            f.write(",".join([r.trainer, *[f"{r.dice_per_class[c]:.4f}" for c in classes], f"{r.mean_dice:.4f}",
+                              str(r.seconds_per_iteration), str(r.seconds_per_case)]) + "\n")
+
+    # the validation case and axial slice with the most foreground
+    gt_arrays = {c: sitk.GetArrayFromImage(sitk.ReadImage(str(paths.raw / dataset / "labelsTr" / f"{c}.nii.gz")))
+                 for c in cases}
+    case = max(cases, key=lambda c: (gt_arrays[c] > 0).sum())
+    gt = gt_arrays[case]
+    z = int(np.argmax((gt > 0).reshape(gt.shape[0], -1).sum(1)))
+    image = sitk.GetArrayFromImage(sitk.ReadImage(str(paths.validation_images / f"{case}_0000.nii.gz")))[z]
+    panels = 2 + len(results)
+    fig = plt.figure(figsize=(3.2 * panels, 7))
+    grid = fig.add_gridspec(2, panels, height_ratios=[1.1, 1])
+    _overlay(fig.add_subplot(grid[0, 0]), image, None, f"{case}, slice {z}", len(classes))
+    _overlay(fig.add_subplot(grid[0, 1]), image, gt[z], "ground truth", len(classes))
+    for i, r in enumerate(results):
+        pred = sitk.GetArrayFromImage(sitk.ReadImage(str(paths.predictions(r.trainer) / f"{case}.nii.gz")))
+        _overlay(fig.add_subplot(grid[0, 2 + i]), image, pred[z], f"{r.trainer}\nmean Dice {r.mean_dice:.3f}",
+                 len(classes))
+    bars = fig.add_subplot(grid[1, :])
+    width = 0.8 / len(results)
+    x = np.arange(len(classes) + 1)
+    for i, r in enumerate(results):
+        values = [r.dice_per_class[c] for c in classes] + [r.mean_dice]
+        bars.bar(x + i * width - 0.4 + width / 2, values, width, label=r.trainer)
+    bars.set_xticks(x, [*classes, "mean"])
+    bars.set_ylabel("Dice (fold 0 validation)")
+    bars.set_ylim(0, 1)
+    bars.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(results), frameon=False)
+    fig.tight_layout()
+    fig.savefig(paths.workdir / "results.png", dpi=110)
+    plt.close(fig)
+    return md_path

@@ -1,0 +1,100 @@
+"""Where nnU-Net's folders and this plugin's trainers are, and errors that say how to fix them."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from pathlib import Path
+from typing import Dict, List, Optional
+
+NNUNET_FOLDER_VARIABLES = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+TRAINER_PATH_VARIABLE = "nnUNet_extTrainer"
+
+
+class SetupError(RuntimeError):
+    """A problem with the user's input or environment: states the problem and the fix."""
+
+    def __init__(self, problem: str, fix: str):
+        super().__init__(f"{problem}\n  Fix: {fix}")
+        self.problem = problem
+        self.fix = fix
+
+
+def trainer_directory() -> Path:
+    """The folder that holds this plugin's trainer modules (the value for nnUNet_extTrainer).
+
+    In an editable install this is the repository's ``trainers/`` folder, in a regular
+    install ``site-packages/nnunetv2_proto/trainers``; both are found through the import
+    system so that the answer is right for whichever copy Python would import.
+    """
+    spec = importlib.util.find_spec("nnunetv2_proto.trainers")
+    if spec is None or not spec.submodule_search_locations:
+        raise SetupError(
+            "the package nnunetv2_proto.trainers cannot be imported, so nnU-Net cannot find the trainers",
+            "reinstall the plugin: pip install -e . (from the repository) or pip install nnunetv2-proto",
+        )
+    return Path(list(spec.submodule_search_locations)[0]).resolve()
+
+
+def trainer_path_is_exported(directory: Optional[Path] = None) -> bool:
+    directory = trainer_directory() if directory is None else directory
+    listed = os.environ.get(TRAINER_PATH_VARIABLE, "")
+    return any(entry.strip() and Path(entry).resolve() == directory for entry in listed.split(os.pathsep))
+
+
+def require_trainer_path_exported() -> None:
+    if not trainer_path_is_exported():
+        raise SetupError(
+            f"{TRAINER_PATH_VARIABLE} does not list this plugin's trainer folder ({trainer_directory()}), "
+            "so nnUNetv2_train / nnUNetv2_predict cannot find the prototype trainers",
+            f"export {TRAINER_PATH_VARIABLE}=$(nnunetv2-proto trainer-path)",
+        )
+
+
+def require_nnunet_folders(names: tuple = NNUNET_FOLDER_VARIABLES) -> Dict[str, Path]:
+    """The nnU-Net folders named by ``names``; a SetupError for each one that is unset."""
+    missing = [name for name in names if not os.environ.get(name)]
+    if missing:
+        exports = " ".join(f"{name}=/path/to/{name}" for name in missing)
+        raise SetupError(
+            f"nnU-Net's folder variable(s) {', '.join(missing)} are not set",
+            f"export {exports} (see nnU-Net's documentation/setting_up_paths.md)",
+        )
+    return {name: Path(os.environ[name]) for name in names}
+
+
+def dataset_folders(root: Path) -> Dict[int, Path]:
+    """Dataset id -> folder for every ``DatasetXXX_Name`` folder directly under ``root``."""
+    found: Dict[int, Path] = {}
+    if root.is_dir():
+        for child in sorted(root.iterdir()):
+            match = re.fullmatch(r"Dataset(\d{3})_.+", child.name)
+            if match and child.is_dir():
+                found[int(match.group(1))] = child
+    return found
+
+
+def resolve_dataset_name(dataset: str) -> str:
+    """``501`` or ``Dataset501_LeftAtrium`` -> the dataset's folder name, found in nnU-Net's folders."""
+    if re.fullmatch(r"Dataset\d{3}_.+", dataset):
+        return dataset
+    if not dataset.isdigit():
+        raise SetupError(
+            f"'{dataset}' is neither a dataset id nor a DatasetXXX_Name folder name",
+            "pass the numeric id (e.g. -d 501) or the full name (e.g. -d Dataset501_LeftAtrium)",
+        )
+    dataset_id = int(dataset)
+    candidates: List[Path] = []
+    for variable in ("nnUNet_preprocessed", "nnUNet_raw"):
+        if os.environ.get(variable):
+            folder = dataset_folders(Path(os.environ[variable])).get(dataset_id)
+            if folder is not None:
+                candidates.append(folder)
+    if not candidates:
+        searched = ", ".join(f"{v}={os.environ.get(v, '<unset>')}" for v in ("nnUNet_raw", "nnUNet_preprocessed"))
+        raise SetupError(
+            f"no dataset with id {dataset_id} exists ({searched})",
+            "check the id with `ls $nnUNet_raw $nnUNet_preprocessed`, or create the dataset first",
+        )
+    return candidates[0].name

@@ -1,0 +1,51 @@
+"""SIPL's self-supervised mask generation (SMG): a k-means mask transformer over decoder stages."""
+
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+from torch import nn
+
+from nnunetv2_proto.heads.kmeans_decoder import KMeansDecoderLayer
+
+
+def sipl_tau(epoch: int, ramp_epochs: float = 50.0, start: float = 0.1, end: float = 0.5) -> float:
+    """The filter threshold schedule: ``start`` rising linearly to ``end`` at ``ramp_epochs``."""
+    return min(epoch / ramp_epochs, 1.0) * (end - start) + start
+
+
+class SelfSupervisedMaskGenerator(nn.Module):
+    """N learnable queries refined by ``layers_per_stage`` k-means layers per decoder stage.
+
+    ``forward`` takes the features of the stages it was built for (coarse to fine) and
+    returns every layer's pseudo-mask logits. During training, every layer after the first
+    of its resolution filters clusters against the previous layer's pseudo mask with the
+    threshold held in the ``tau`` buffer (a buffer, so checkpoints carry it).
+    """
+
+    def __init__(self, conv_op: type, stage_channels: Sequence[int], num_classes: int, num_queries: int = 32,
+                 query_dim: int = 64, layers_per_stage: int = 2, num_heads: int = 8):
+        super().__init__()
+        self.layers_per_stage = layers_per_stage
+        self.num_stages = len(stage_channels)
+        self.queries = nn.Parameter(torch.randn(num_queries, query_dim))
+        self.layers = nn.ModuleList([
+            KMeansDecoderLayer(conv_op, channels, query_dim, num_classes, num_heads)
+            for channels in stage_channels for _ in range(layers_per_stage)
+        ])
+        self.register_buffer("tau", torch.tensor(sipl_tau(0)))
+
+    def set_tau(self, value: float) -> None:
+        self.tau.fill_(value)
+
+    def forward(self, stage_features: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        queries = self.queries.unsqueeze(0).expand(stage_features[0].shape[0], -1, -1)
+        pseudo_mask_logits: List[torch.Tensor] = []
+        for index, layer in enumerate(self.layers):
+            filter_labels = None
+            if self.training and index % self.layers_per_stage != 0:
+                filter_labels = pseudo_mask_logits[-1].detach().max(1).indices.flatten(1)
+            queries, logits = layer(stage_features[index // self.layers_per_stage], queries, filter_labels, self.tau)
+            pseudo_mask_logits.append(logits)
+        return pseudo_mask_logits

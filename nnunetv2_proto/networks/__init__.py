@@ -1,0 +1,48 @@
+"""Building prototype-head networks from nnU-Net plans.
+
+``build_network_architecture`` must be static (``nnUNetv2_predict`` calls it on the class)
+and receives no dataset.json, yet the heads depend on the label layout (softmax labels or
+regions) and on the trainer's head settings. The trainer therefore writes a
+``prototype_head`` entry into its configuration (``head_spec``), nnU-Net copies the plans
+into the results folder with it, and ``build_from_plans`` reads it back, so training and
+prediction build identical networks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Union
+
+from torch import nn
+
+from nnunetv2_proto.environment import SetupError
+from nnunetv2_proto.label_layout import LabelLayout
+from nnunetv2_proto.networks.mper import MPERConfig, MPERNetwork
+from nnunetv2_proto.networks.sipl import SIPLConfig, SIPLNetwork
+
+HEAD_SPEC_KEY = "prototype_head"
+HEADS = {"sipl": (SIPLConfig, SIPLNetwork), "mper": (MPERConfig, MPERNetwork)}
+
+
+def head_spec(kind: str, layout: LabelLayout, config: Union[SIPLConfig, MPERConfig]) -> dict:
+    return {"kind": kind, "label_layout": layout.to_dict(), "config": asdict(config)}
+
+
+def attach_head_spec(plans_manager, configuration_name: str, configuration_manager, spec: dict) -> None:
+    """Record ``spec`` in the trainer's plans (saved to the results folder) and its configuration manager."""
+    plans_manager.plans["configurations"][configuration_name][HEAD_SPEC_KEY] = spec
+    configuration_manager.configuration[HEAD_SPEC_KEY] = spec
+
+
+def build_from_plans(unet: nn.Module, configuration_manager) -> nn.Module:
+    spec = configuration_manager.configuration.get(HEAD_SPEC_KEY)
+    if spec is None:
+        raise SetupError(
+            "this configuration has no 'prototype_head' entry, so the head's label layout and settings are unknown",
+            "build the network through a prototype trainer (it records the entry), or predict from a results "
+            "folder whose plans.json was written by one",
+        )
+    if spec["kind"] not in HEADS:
+        raise SetupError(f"unknown prototype head kind '{spec['kind']}'", f"expected one of {sorted(HEADS)}")
+    config_class, network_class = HEADS[spec["kind"]]
+    return network_class(unet, LabelLayout.from_dict(spec["label_layout"]), config_class(**spec["config"]))

@@ -1,0 +1,74 @@
+"""MPER network: nnU-Net UNet that keeps its final 1x1 conv and adds a multi-prototype classifier."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from nnunetv2_proto.environment import SetupError
+from nnunetv2_proto.heads.multi_prototype import MultiPrototypeClassifier
+from nnunetv2_proto.label_layout import LabelLayout
+from nnunetv2_proto.networks.decoder_head_network import DecoderHeadNetwork
+
+INFERENCE_MODES = ("linear", "prototype", "fused")
+
+
+@dataclass(frozen=True)
+class MPERConfig:
+    prototypes_per_class: int = 3
+    temperature: float = 0.1
+    momentum: float = 0.99
+    # what forward() returns outside training: the linear head (vanilla cost), the
+    # prototype classifier, or the mean of both classifiers' probabilities
+    inference: str = "linear"
+
+    def __post_init__(self) -> None:
+        if self.inference not in INFERENCE_MODES:
+            raise SetupError(f"unknown MPER inference mode '{self.inference}'", f"use one of {INFERENCE_MODES}")
+        if self.prototypes_per_class < 1:
+            raise SetupError("MPER needs at least one prototype per class", "set prototypes_per_class >= 1")
+
+
+class MPERAux(NamedTuple):
+    embedding: torch.Tensor          # (B, C, *s), unit norm over C
+    similarities: torch.Tensor       # (B, K_excl, M, *s)
+    prototype_logits: torch.Tensor   # (B, K_excl, *s) exclusive-class logits
+    linear_logits: torch.Tensor      # (B, K, *s) the full-resolution linear output
+
+
+class MPERNetwork(DecoderHeadNetwork):
+    def __init__(self, unet: nn.Module, layout: LabelLayout, config: MPERConfig):
+        super().__init__(unet, keep_final_linear_layer=True)
+        self.layout = layout
+        self.inference = config.inference
+        self.classifier = MultiPrototypeClassifier(layout.num_exclusive, config.prototypes_per_class,
+                                                   self.stage_channels()[-1], config.temperature, config.momentum)
+
+    def prototype_output_logits(self, prototype_logits: torch.Tensor) -> torch.Tensor:
+        """Exclusive-class prototype logits -> logits over the network's output channels."""
+        if not self.layout.has_regions:
+            return prototype_logits
+        probabilities = self.layout.output_probabilities_from_exclusive(torch.softmax(prototype_logits.float(), 1))
+        return self.layout.logits_from_output_probabilities(probabilities)
+
+    def full_resolution_output(self, skips, stage_features, return_aux):
+        features = stage_features[-1]
+        linear = self.decoder.seg_layers[-1](features)
+        if not return_aux and (self.training or self.inference == "linear"):
+            return linear, None
+        embedding = F.normalize(features, dim=1)
+        similarities = self.classifier.similarities(embedding)
+        prototype_logits = self.classifier.logits(similarities)
+        aux = MPERAux(embedding, similarities, prototype_logits, linear) if return_aux else None
+        if self.training or self.inference == "linear":
+            return linear, aux
+        prototype_output = self.prototype_output_logits(prototype_logits).to(linear.dtype)
+        if self.inference == "prototype":
+            return prototype_output, aux
+        fused = 0.5 * (self.layout.output_probabilities_from_logits(linear.float())
+                       + self.layout.output_probabilities_from_logits(prototype_output.float()))
+        return self.layout.logits_from_output_probabilities(fused).to(linear.dtype), aux

@@ -1,0 +1,101 @@
+"""SIPL network: nnU-Net UNet whose final 1x1 conv is replaced by the IPL head, guided by SMG."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from nnunetv2_proto.environment import SetupError
+from nnunetv2_proto.heads.instance_prototypes import DotProductPredictor, DynamicConvPredictor, PrototypeGenerator
+from nnunetv2_proto.heads.mask_generator import SelfSupervisedMaskGenerator
+from nnunetv2_proto.label_layout import LabelLayout
+from nnunetv2_proto.networks.decoder_head_network import DecoderHeadNetwork
+
+PREDICTORS = {"dot_product": DotProductPredictor, "dynamic_conv": DynamicConvPredictor}
+
+
+@dataclass(frozen=True)
+class SIPLConfig:
+    num_queries: int = 32
+    query_dim: int = 64
+    num_heads: int = 8
+    smg_stages: int = 3
+    layers_per_stage: int = 2
+    prototype_dim: int = 64
+    use_smg: bool = True
+    use_instance_proposals: bool = True
+    normalize_proposals_by_mass: bool = False
+    predictor: str = "dot_product"
+
+    def __post_init__(self) -> None:
+        if self.predictor not in PREDICTORS:
+            raise SetupError(f"unknown SIPL predictor '{self.predictor}'", f"use one of {sorted(PREDICTORS)}")
+        if self.query_dim % self.num_heads or self.query_dim % 8:
+            raise SetupError(f"query_dim {self.query_dim} must be divisible by num_heads ({self.num_heads}) and 8",
+                             "pick a multiple of both, e.g. 64 or 128")
+        if self.num_queries < 2 or self.smg_stages < 1 or self.layers_per_stage < 1:
+            raise SetupError("SMG needs at least 2 queries, 1 stage and 1 layer per stage",
+                             "check the trainer's SIPL settings")
+
+
+class SIPLAux(NamedTuple):
+    pseudo_mask_logits: List[torch.Tensor]  # one (B, K_excl, *s_l) tensor per SMG layer
+
+
+class SIPLHead(nn.Module):
+    """SMG (optional) -> masks -> prototypes from bottleneck features -> per-voxel logits."""
+
+    def __init__(self, conv_op: type, stage_channels: Sequence[int], bottleneck_channels: int,
+                 layout: LabelLayout, config: SIPLConfig):
+        super().__init__()
+        self.has_regions = layout.has_regions
+        self.uses_masks = config.use_instance_proposals
+        self.register_buffer("membership", layout.membership_tensor(), persistent=False)
+        self.smg: Optional[SelfSupervisedMaskGenerator] = None
+        if config.use_smg:
+            # the coarsest decoder stages, never the full-resolution one: shallow plans (small images)
+            # have few stages, and SMG at full resolution would cost as much as the decoder itself
+            stages = list(stage_channels[: min(config.smg_stages, len(stage_channels) - 1)])
+            if not stages:
+                raise SetupError("SMG needs at least one decoder stage below full resolution",
+                                 "use plans with two or more resolution stages, or the _noSMG variant")
+            self.smg = SelfSupervisedMaskGenerator(conv_op, stages, layout.num_exclusive, config.num_queries,
+                                                   config.query_dim, config.layers_per_stage, config.num_heads)
+        self.generator = PrototypeGenerator(layout.num_outputs, bottleneck_channels, config.prototype_dim,
+                                            config.use_instance_proposals, config.normalize_proposals_by_mass)
+        self.predictor = PREDICTORS[config.predictor](conv_op, stage_channels[-1], config.prototype_dim,
+                                                      layout.num_outputs)
+
+    def forward(self, bottleneck: torch.Tensor, stage_features: Sequence[torch.Tensor],
+                need_pseudo_masks: bool) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        full_resolution = stage_features[-1]
+        pseudo: List[torch.Tensor] = []
+        masks = None
+        if self.smg is not None and (self.uses_masks or need_pseudo_masks):
+            pseudo = self.smg(stage_features[: self.smg.num_stages])
+            exclusive = torch.softmax(pseudo[-1].float(), 1)
+            masks = torch.einsum("bc...,ck->bk...", exclusive, self.membership)
+        elif self.smg is None and self.uses_masks:
+            # no SMG: instance proposals come from the head's own prediction with common proposals only
+            first_pass = self.predictor(full_resolution, self.generator(bottleneck, None))
+            masks = torch.sigmoid(first_pass.float()) if self.has_regions else torch.softmax(first_pass.float(), 1)
+        logits = self.predictor(full_resolution, self.generator(bottleneck, masks))
+        return logits, pseudo
+
+
+class SIPLNetwork(DecoderHeadNetwork):
+    def __init__(self, unet: nn.Module, layout: LabelLayout, config: SIPLConfig):
+        super().__init__(unet, keep_final_linear_layer=False)
+        self.head = SIPLHead(self.conv_op, self.stage_channels(), int(self.encoder.output_channels[-1]),
+                             layout, config)
+
+    @property
+    def mask_generator(self) -> Optional[SelfSupervisedMaskGenerator]:
+        return self.head.smg
+
+    def full_resolution_output(self, skips, stage_features, return_aux):
+        logits, pseudo = self.head(skips[-1], stage_features, need_pseudo_masks=return_aux)
+        return logits, (SIPLAux(pseudo) if return_aux else None)

@@ -1,0 +1,170 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import stats
+
+from nnunetv2_proto.cli import main
+from nnunetv2_proto.environment import SetupError
+from nnunetv2_proto.evaluation.compare import compare, paired_tests
+from nnunetv2_proto.evaluation.evaluate import evaluate_folders
+from nnunetv2_proto.evaluation.metrics import image_diagonal_mm, structure_metrics
+
+
+def ball(shape, centre, radius, spacing=(1, 1, 1)):
+    grid = np.indices(shape).astype(float)
+    distance = np.sqrt(sum(((g - c) * s) ** 2 for g, c, s in zip(grid, centre, spacing)))
+    return distance <= radius
+
+
+def test_identical_masks_are_perfect():
+    mask = ball((20, 20, 20), (10, 10, 10), 5)
+    m = structure_metrics(mask, mask, (1, 1, 1))
+    assert (m.Dice, m.IoU, m.HD95, m.ASD) == (1.0, 1.0, 0.0, 0.0)
+
+
+@pytest.mark.parametrize("offset,spacing", [((0, 0, 3), (1, 1, 1)), ((2, 0, 0), (3.0, 0.5, 0.5)),
+                                            ((1, 2, 0), (2.0, 1.5, 1.0))])
+def test_surface_distance_of_single_voxels_is_the_physical_offset(offset, spacing):
+    reference = np.zeros((10, 10, 10), bool)
+    prediction = np.zeros_like(reference)
+    reference[4, 4, 4] = True
+    prediction[4 + offset[0], 4 + offset[1], 4 + offset[2]] = True
+    physical = float(np.sqrt(sum((o * s) ** 2 for o, s in zip(offset, spacing))))
+    m = structure_metrics(reference, prediction, spacing)
+    assert m.Dice == 0.0 and m.HD95 == pytest.approx(physical) and m.ASD == pytest.approx(physical)
+
+
+def test_concentric_spheres_are_their_radius_difference_apart_in_mm():
+    spacing = (2.0, 1.0, 1.0)  # anisotropic: radii are physical, so the balls are ellipsoids in voxels
+    small = ball((40, 60, 60), (20, 30, 30), 8, spacing)
+    large = ball((40, 60, 60), (20, 30, 30), 14, spacing)
+    m = structure_metrics(small, large, spacing)
+    assert m.HD95 == pytest.approx(6.0, abs=1.5)
+    assert m.ASD == pytest.approx(6.0, abs=1.5)
+    assert m.Dice == pytest.approx(2 * small.sum() / (small.sum() + large.sum()))
+
+
+def test_overlap_of_boxes_is_exact():
+    reference = np.zeros((10, 10), bool)
+    prediction = np.zeros_like(reference)
+    reference[0:4, 0:5] = True    # 20 pixels
+    prediction[2:6, 0:5] = True   # 20 pixels, 10 shared
+    m = structure_metrics(reference, prediction, (1.0, 1.0))
+    assert m.Dice == pytest.approx(0.5) and m.IoU == pytest.approx(10 / 30)
+
+
+def test_empty_mask_conventions_never_give_nan():
+    empty = np.zeros((8, 8, 8), bool)
+    full = ball((8, 8, 8), (4, 4, 4), 2)
+    both = structure_metrics(empty, empty, (1, 1, 1))
+    assert (both.Dice, both.IoU, both.HD95, both.ASD) == (1.0, 1.0, 0.0, 0.0)
+    worst = image_diagonal_mm((8, 8, 8), (1, 2, 3))
+    for reference, prediction in ((empty, full), (full, empty)):
+        m = structure_metrics(reference, prediction, (1, 2, 3))
+        assert (m.Dice, m.IoU, m.HD95, m.ASD) == (0.0, 0.0, worst, worst)
+
+
+def write(array, path, spacing_zyx):
+    image = sitk.GetImageFromArray(array.astype(np.uint8))
+    image.SetSpacing(tuple(reversed(spacing_zyx)))
+    sitk.WriteImage(image, str(path))
+
+
+DATASET_JSON = {"labels": {"background": 0, "left": 1, "right": 2}, "file_ending": ".nii.gz",
+                "channel_names": {"0": "CT"}, "numTraining": 4}
+
+
+def test_evaluate_folders_reads_spacing_from_headers(tmp_path):
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    gt.mkdir(), pred.mkdir()
+    reference = np.zeros((10, 12, 12), np.uint8)
+    reference[4, 6, 3] = 1
+    reference[2:6, 2:5, 7:10] = 2
+    prediction = reference.copy()
+    prediction[4, 6, 3] = 0
+    prediction[5, 6, 3] = 1  # shifted one slice: 3 mm
+    write(reference, gt / "case_a.nii.gz", (3.0, 0.8, 0.8))
+    write(prediction, pred / "case_a.nii.gz", (3.0, 0.8, 0.8))
+    (tmp_path / "dataset.json").write_text(json.dumps(DATASET_JSON))
+    result = evaluate_folders(gt, pred, tmp_path / "dataset.json", tmp_path / "out.json", num_processes=1)
+    left = result["metric_per_case"][0]["metrics"]["left"]
+    assert left["HD95"] == pytest.approx(3.0) and left["Dice"] == 0.0
+    assert result["mean"]["right"]["Dice"] == 1.0 and result["mean"]["right"]["HD95"] == 0.0
+    assert json.loads((tmp_path / "out.json").read_text())["structures"] == {"left": [1], "right": [2]}
+
+
+def test_evaluate_cli_smoke(tmp_path, capsys):
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    gt.mkdir(), pred.mkdir()
+    reference = np.zeros((6, 8, 8), np.uint8)
+    reference[2:4, 2:6, 2:6] = 1
+    write(reference, gt / "x.nii.gz", (1, 1, 1))
+    write(reference, pred / "x.nii.gz", (1, 1, 1))
+    assert main(["evaluate", "--gt", str(gt), "--pred", str(pred), "--out", str(tmp_path / "r.json"), "-np", "1"]) == 0
+    assert "Dice 1.000" in capsys.readouterr().out
+    assert main(["evaluate", "--gt", str(gt), "--pred", str(tmp_path), "--out", str(tmp_path / "r.json")]) == 2
+
+
+def make_results_tree(root: Path, dice_drop: dict) -> dict:
+    """Baseline predictions are perfect; 'worse' removes voxels so per-case Dice of 'left' is known."""
+    dataset = "Dataset777_Cmp"
+    gt_folder = root / "nnUNet_preprocessed" / dataset / "gt_segmentations"
+    gt_folder.mkdir(parents=True)
+    (root / "nnUNet_preprocessed" / dataset / "dataset.json").write_text(json.dumps(DATASET_JSON))
+    expected = {}
+    for i, removed in enumerate(dice_drop["removed"]):
+        case = f"c{i}"
+        seg = np.zeros((8, 10, 10), np.uint8)
+        seg[1:5, 1:6, 1:6] = 1   # 100 voxels
+        seg[5:7, 6:9, 6:9] = 2
+        write(seg, gt_folder / f"{case}.nii.gz", (2.0, 1.0, 1.0))
+        worse = seg.copy()
+        worse[1:5, 1:6, 1:6].flat[:removed] = 0
+        expected[case] = 2 * (100 - removed) / (200 - removed)
+        for trainer, prediction in (("nnUNetTrainer", seg), ("worseTrainer", worse)):
+            folder = root / "nnUNet_results" / dataset / f"{trainer}__nnUNetPlans__3d_fullres" / "fold_0" / "validation"
+            folder.mkdir(parents=True, exist_ok=True)
+            write(prediction, folder / f"{case}.nii.gz", (2.0, 1.0, 1.0))
+            (folder / "summary.json").write_text("{}")
+    return {"dataset": dataset, "expected_left_dice": expected}
+
+
+def test_compare_reports_known_scores_and_paired_p_values(tmp_path, monkeypatch):
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "nnUNet_preprocessed"))
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "nnUNet_results"))
+    tree = make_results_tree(tmp_path, {"removed": [0, 10, 20, 30, 45, 60]})
+    out = compare(tree["dataset"], "3d_fullres", ["nnUNetTrainer", "worseTrainer"], folds=[0],
+                  output=tmp_path / "cmp", num_processes=1, progress=lambda _: None)
+    report = json.loads((out / "comparison.json").read_text())
+    row = next(r for r in report["statistics"] if r["trainer"] == "worseTrainer" and r["structure"] == "left"
+               and r["metric"] == "Dice")
+    worse = np.array(list(tree["expected_left_dice"].values()))
+    assert row["mean"] == pytest.approx(worse.mean()) and row["std"] == pytest.approx(worse.std())
+    assert row["diff_vs_baseline"] == pytest.approx((worse - 1).mean())
+    assert row["p_wilcoxon"] == pytest.approx(stats.wilcoxon(worse, np.ones_like(worse)).pvalue)
+    assert row["p_ttest"] == pytest.approx(stats.ttest_rel(worse, np.ones_like(worse)).pvalue)
+    markdown = (out / "comparison.md").read_text()
+    assert "`worseTrainer`" in markdown and "Baseline: `nnUNetTrainer`" in markdown
+    assert (out / "comparison_boxplots.png").is_file() and (out / "comparison_scatter.png").is_file()
+    assert (out / "comparison.csv").read_text().count("\n") == len(report["statistics"]) + 1
+
+
+def test_compare_names_missing_trainers_and_folds(tmp_path, monkeypatch):
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "nnUNet_preprocessed"))
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "nnUNet_results"))
+    tree = make_results_tree(tmp_path, {"removed": [0, 10, 20]})
+    with pytest.raises(SetupError) as error:
+        compare(tree["dataset"], "3d_fullres", ["nnUNetTrainer", "ghostTrainer"], folds=[0, 1], num_processes=1,
+                progress=lambda _: None)
+    assert "ghostTrainer: no results folder" in str(error.value) and "fold 1" in str(error.value)
+    out = compare(tree["dataset"], "3d_fullres", ["nnUNetTrainer", "worseTrainer", "ghostTrainer"], folds=[0, 1],
+                  output=tmp_path / "cmp", allow_missing=True, num_processes=1, progress=lambda _: None)
+    assert "ghostTrainer: no results folder" in (out / "comparison.md").read_text()
+
+
+def test_paired_tests_handle_identical_and_tiny_samples():
+    assert paired_tests(np.ones(5), np.ones(5)) == (1.0, 1.0)
+    assert all(np.isnan(p) for p in paired_tests(np.ones(1), np.zeros(1)))

@@ -1,0 +1,168 @@
+import io
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from conftest import small_unet
+from nnunetv2_proto.heads.multi_prototype import ClassEmbeddingSampler, MultiPrototypeClassifier, kmeans_centres
+from nnunetv2_proto.label_layout import LabelLayout
+from nnunetv2_proto.losses import FullResolutionTarget, MPERObjective, prototype_contrast_loss, prototype_distance_loss
+from nnunetv2_proto.networks import MPERConfig, MPERNetwork
+
+
+def initialised_classifier(k=3, m=2, c=6, seed=0):
+    classifier = MultiPrototypeClassifier(k, m, c, momentum=0.9)
+    generator = torch.Generator().manual_seed(seed)
+    classifier.prototypes.copy_(F.normalize(torch.randn(k, m, c, generator=generator), dim=-1))
+    classifier.initialized.fill_(True)
+    return classifier
+
+
+def naive_ema(prototypes, initialized, embedding, labels, valid, momentum):
+    k, m, c = prototypes.shape
+    e = embedding.movedim(1, -1).reshape(-1, c)
+    lab, ok = labels.reshape(-1), valid.reshape(-1)
+    sums, counts = torch.zeros(k, m, c), torch.zeros(k, m)
+    for v in range(e.shape[0]):
+        sims = torch.stack([torch.stack([torch.dot(e[v], prototypes[a, b]) for b in range(m)]) for a in range(k)])
+        # the classifier's prediction: uninitialised classes never win
+        predicted = int(torch.where(initialized, sims.max(1).values, torch.tensor(-2.0)).argmax())
+        true = int(lab[v])
+        if not ok[v] or predicted != true or not initialized[true]:
+            continue
+        nearest = int(sims[true].argmax())
+        sums[true, nearest] += e[v]
+        counts[true, nearest] += 1
+    out = prototypes.clone()
+    for a in range(k):
+        for b in range(m):
+            if counts[a, b] > 0:
+                out[a, b] = F.normalize(momentum * prototypes[a, b] + (1 - momentum) * sums[a, b] / counts[a, b], dim=0)
+    return out, counts
+
+
+def test_vectorised_ema_update_equals_a_naive_loop():
+    classifier = initialised_classifier()
+    classifier.initialized[2] = False  # an uninitialised class never moves
+    generator = torch.Generator().manual_seed(1)
+    embedding = F.normalize(torch.randn(2, 6, 5, 7, generator=generator), dim=1)
+    labels = torch.randint(0, 3, (2, 5, 7), generator=generator)
+    valid = torch.rand(2, 5, 7, generator=generator) > 0.2
+    expected, expected_counts = naive_ema(classifier.prototypes.clone(), classifier.initialized.clone(), embedding,
+                                          labels, valid, 0.9)
+    counts = classifier.ema_update(embedding, labels, valid, classifier.similarities(embedding))
+    assert torch.allclose(classifier.prototypes, expected, atol=1e-6)
+    assert torch.equal(counts, expected_counts) and counts.sum() > 0
+
+
+def test_a_class_absent_from_the_batch_keeps_its_prototypes_and_nothing_becomes_nan():
+    classifier = initialised_classifier()
+    before = classifier.prototypes.clone()
+    embedding = F.normalize(torch.randn(2, 6, 4, 4), dim=1)
+    labels = torch.zeros(2, 4, 4, dtype=torch.long)  # only class 0 present
+    similarities = classifier.similarities(embedding)
+    classifier.ema_update(embedding, labels, torch.ones_like(labels, dtype=torch.bool), similarities)
+    assert torch.equal(classifier.prototypes[1:], before[1:])
+    assert torch.isfinite(classifier.prototypes).all()
+    valid = torch.ones_like(labels, dtype=torch.bool)
+    assert torch.isfinite(prototype_contrast_loss(similarities, labels, valid, 0.1))
+    assert torch.isfinite(prototype_distance_loss(similarities, labels, valid))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 50])
+def test_kmeans_initialisation_handles_tiny_samples(n):
+    samples = F.normalize(torch.randn(n, 8), dim=-1).numpy()
+    centres = kmeans_centres(samples, 3, seed=0)
+    assert centres.shape == (3, 8)
+    assert abs(float((centres ** 2).sum(1).min()) - 1) < 1e-5
+    # distinct centres even when there are fewer samples than centres
+    assert len({tuple(c.round(6)) for c in centres}) == 3
+
+
+def test_initialize_classes_leaves_unseen_classes_for_later():
+    classifier = MultiPrototypeClassifier(3, 2, 4)
+    new = classifier.initialize_classes([torch.randn(5, 4), None, torch.randn(1, 4)])
+    assert new == [0, 2] and classifier.initialized.tolist() == [True, False, True]
+    assert classifier.initialize_classes([None, torch.randn(3, 4), None]) == [1]
+
+
+def test_uninitialised_classes_never_win_the_prototype_classifier():
+    classifier = MultiPrototypeClassifier(2, 1, 4)
+    classifier.initialized[0] = True
+    classifier.prototypes[1, 0] = torch.tensor([1.0, 0, 0, 0])  # identical to the embedding below
+    embedding = torch.tensor([1.0, 0, 0, 0]).view(1, 4, 1)
+    logits = classifier.logits(classifier.similarities(embedding))
+    assert logits[0, :, 0].argmax() == 0
+
+
+def test_embedding_sampler_is_bounded_uniform_and_uses_only_valid_voxels():
+    sampler = ClassEmbeddingSampler(num_classes=3, capacity=50, seed=0)
+    for step in range(4):
+        embedding = torch.full((1, 2, 100), float(step))
+        labels = torch.tensor([0] * 60 + [1] * 40).view(1, 100)
+        valid = torch.ones_like(labels, dtype=torch.bool)
+        valid[0, :5] = False
+        sampler.add(embedding, labels, valid)
+    samples = sampler.samples()
+    assert samples[0].shape == (50, 2) and samples[1].shape == (50, 2) and samples[2] is None
+    # every batch contributed (uniform over 4 batches, not the last one only)
+    assert len(set(samples[1][:, 0].tolist())) == 4
+
+
+def mper(k=3, inference="linear", layout=None, dim=2):
+    return MPERNetwork(small_unet(dim, k), layout or LabelLayout(k), MPERConfig(prototypes_per_class=2,
+                                                                                inference=inference))
+
+
+def test_linear_inference_returns_exactly_the_final_linear_layer():
+    network = mper().eval()
+    network.decoder.deep_supervision = False
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        skips = network.encoder(x)
+        from nnunetv2_proto.networks.decoder_head_network import decoder_stage_features
+        linear = network.decoder.seg_layers[-1](decoder_stage_features(network.decoder, skips)[-1])
+        assert torch.equal(network(x), linear)
+
+
+@pytest.mark.parametrize("inference", ["prototype", "fused"])
+@pytest.mark.parametrize("regions", [False, True])
+def test_prototype_and_fused_inference_give_logits_for_every_output(inference, regions):
+    layout = LabelLayout(2, ((0, 0), (1, 0), (1, 1))) if regions else LabelLayout(3)
+    network = mper(layout.num_outputs, inference, layout).eval()
+    network.classifier.initialized.fill_(True)
+    network.decoder.deep_supervision = False
+    with torch.no_grad():
+        out = network(torch.randn(1, 1, 32, 32))
+    assert out.shape == (1, layout.num_outputs, 32, 32) and torch.isfinite(out).all()
+
+
+def test_objective_phases_and_state_dict_round_trip():
+    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+    network = mper(3, dim=3)
+    network.classifier.initialized.fill_(True)
+    loss = DC_and_CE_loss({"batch_dice": False, "smooth": 1e-5, "do_bg": False}, {}, dice_class=MemoryEfficientSoftDiceLoss)
+    objective = MPERObjective(lambda outs, t: loss(outs[0], t[0]), FullResolutionTarget(loss), LabelLayout(3))
+    target = torch.randint(0, 3, (2, 1, 16, 32, 32)).float()
+    outputs, aux = network(torch.randn(2, 1, 16, 32, 32), return_aux=True)
+    warm, warm_parts = objective(outputs, aux, [target])
+    full, parts = objective(outputs, aux, [target], network.prototype_output_logits(aux.prototype_logits), 0.5)
+    assert set(warm_parts) == {"seg"} and {"seg_prototype", "ppc", "ppd", "consistency"} <= set(parts)
+    assert torch.isfinite(full) and full > warm
+    buffer = io.BytesIO()
+    torch.save(network.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = mper(3, dim=3)
+    fresh.load_state_dict(torch.load(buffer), strict=True)
+    assert torch.equal(fresh.classifier.prototypes, network.classifier.prototypes)
+    assert bool(fresh.classifier.initialized.all())
+
+
+def test_mper_forward_traces_as_one_graph_for_torch_compile():
+    torch._dynamo.reset()
+    network = mper(3)
+    compiled = torch.compile(network, backend="eager", fullgraph=True)
+    outputs, aux = compiled(torch.randn(2, 1, 32, 32), return_aux=True)
+    assert aux.similarities.shape == (2, 3, 2, 32, 32)

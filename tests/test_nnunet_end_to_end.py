@@ -1,0 +1,227 @@
+"""nnU-Net's real entry points on a tiny generated dataset: plan, CPU preset, train, predict, evaluate, resume.
+
+Trainers come from nnUNet_extTrainer (the plugin's folder plus tests/ext_trainers, which
+holds tiny-budget subclasses), exactly as a user's nnUNetv2_train would find them.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import nnunet_environment
+from nnunetv2_proto.demo_dataset import DemoDatasetSpec, write_demo_dataset
+
+DATASET_ID = 991
+DATASET = "Dataset991_ProtoTest"
+CONFIGURATION = "3d_cpu"
+TRAINERS = ("nnUNetTrainer_testBudget", "nnUNetTrainerSIPL_testBudget", "nnUNetTrainerMPER_testBudget",
+            "nnUNetTrainerBCP_testBudget", "nnUNetTrainerMPERSemi_testBudget")
+
+
+def command(name: str) -> str:
+    return str(Path(sys.executable).with_name(name))
+
+
+def run(args, env, extra_env=None, expect=0):
+    completed = subprocess.run([str(a) for a in args], env={**os.environ, **env, **(extra_env or {})},
+                               capture_output=True, text=True)
+    assert completed.returncode == expect, (f"{' '.join(map(str, args))} exited {completed.returncode}\n"
+                                            f"{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}")
+    return completed
+
+
+def output_folder(env, trainer, fold=0) -> Path:
+    return Path(env["nnUNet_results"]) / DATASET / f"{trainer}__nnUNetPlans__{CONFIGURATION}" / f"fold_{fold}"
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("nnunet")
+    env = nnunet_environment(root)
+    write_demo_dataset(Path(env["nnUNet_raw"]), DATASET_ID, "ProtoTest",
+                       DemoDatasetSpec(num_cases=6, shape_zyx=(16, 32, 32), seed=1), progress=lambda _: None)
+    run([command("nnUNetv2_plan_and_preprocess"), "-d", DATASET_ID, "--verify_dataset_integrity", "--no_pp",
+         "-np", "1"], env)
+    run([command("nnunetv2-proto"), "plan-cpu", "-d", DATASET_ID, "-np", "1"], env)
+    for trainer in TRAINERS:
+        run([command("nnUNetv2_train"), DATASET_ID, CONFIGURATION, "0", "-tr", trainer, "-device", "cpu"], env)
+    splits = json.loads((Path(env["nnUNet_preprocessed"]) / DATASET / "splits_final.json").read_text())
+    images = root / "validation_images"
+    images.mkdir()
+    for case in splits[0]["val"]:
+        shutil.copy(Path(env["nnUNet_raw"]) / DATASET / "imagesTr" / f"{case}_0000.nii.gz", images)
+    for trainer in TRAINERS:
+        run([command("nnUNetv2_predict"), "-i", images, "-o", root / "predictions" / trainer, "-d", DATASET_ID,
+             "-c", CONFIGURATION, "-f", "0", "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1"], env)
+    return {"root": root, "env": env, "val_cases": splits[0]["val"], "images": images}
+
+
+def test_plan_cpu_adds_a_narrow_configuration_inheriting_from_3d_fullres(workspace):
+    plans = json.loads((Path(workspace["env"]["nnUNet_preprocessed"]) / DATASET / "nnUNetPlans.json").read_text())
+    cpu = plans["configurations"][CONFIGURATION]
+    assert cpu["inherits_from"] == "3d_fullres"
+    assert cpu["architecture"]["arch_kwargs"]["features_per_stage"][0] == 16
+    assert max(cpu["architecture"]["arch_kwargs"]["features_per_stage"]) <= 256
+    assert (Path(workspace["env"]["nnUNet_preprocessed"]) / DATASET / cpu["data_identifier"]).is_dir()
+
+
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_train_predict_evaluate_with_nnunets_commands(workspace, trainer):
+    env = workspace["env"]
+    folder = output_folder(env, trainer)
+    assert (folder / "checkpoint_final.pth").is_file()
+    # nnU-Net's own validation after training ran through the network (deep supervision off)
+    validation = json.loads((folder / "validation" / "summary.json").read_text())
+    assert 0.0 <= validation["foreground_mean"]["Dice"] <= 1.0
+    predictions = workspace["root"] / "predictions" / trainer
+    gt_folder = Path(env["nnUNet_raw"]) / DATASET / "labelsTr"
+    for case in workspace["val_cases"]:
+        predicted = sitk.ReadImage(str(predictions / f"{case}.nii.gz"))
+        reference = sitk.ReadImage(str(gt_folder / f"{case}.nii.gz"))
+        assert predicted.GetSize() == reference.GetSize()
+        assert np.allclose(predicted.GetSpacing(), reference.GetSpacing())
+        assert set(np.unique(sitk.GetArrayFromImage(predicted))) <= {0, 1, 2, 3}
+    run([command("nnUNetv2_evaluate_folder"), gt_folder, predictions, "-djfile",
+         Path(env["nnUNet_raw"]) / DATASET / "dataset.json", "-pfile", folder.parent / "plans.json", "--chill"], env)
+    summary = json.loads((predictions / "summary.json").read_text())
+    assert len(summary["metric_per_case"]) == len(workspace["val_cases"])
+    assert all(np.isfinite(v["Dice"]) or np.isnan(v["Dice"]) for v in summary["mean"].values())
+
+
+@pytest.mark.parametrize("trainer", TRAINERS[1:])
+def test_the_predictor_loads_a_deep_supervision_trained_model_strictly(workspace, trainer, monkeypatch):
+    for key, value in workspace["env"].items():
+        monkeypatch.setenv(key, value)
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    predictor = nnUNetPredictor(device=torch.device("cpu"))
+    predictor.initialize_from_trained_model_folder(str(output_folder(workspace["env"], trainer).parent), (0,))
+    checkpoint = torch.load(output_folder(workspace["env"], trainer) / "checkpoint_final.pth", weights_only=False)
+    assert predictor.network.decoder.deep_supervision is False
+    assert set(predictor.network.state_dict()) == set(checkpoint["network_weights"])
+
+
+def test_mper_prediction_equals_the_linear_heads_output(workspace, monkeypatch):
+    """nnUNetv2_predict with an MPER model = nnU-Net predicting with a vanilla network holding the same weights."""
+    for key, value in workspace["env"].items():
+        monkeypatch.setenv(key, value)
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    folder = output_folder(workspace["env"], "nnUNetTrainerMPER_testBudget")
+    reference = nnUNetPredictor(device=torch.device("cpu"))
+    reference.initialize_from_trained_model_folder(str(folder.parent), (0,))
+    vanilla = nnUNetTrainer.build_network_architecture(
+        reference.plans_manager, reference.configuration_manager, 1,
+        reference.label_manager.num_segmentation_heads, enable_deep_supervision=False)
+    weights = torch.load(folder / "checkpoint_final.pth", weights_only=False)["network_weights"]
+    # MPER's state = the vanilla network's + the prototype buffers
+    assert set(weights) - set(vanilla.state_dict()) == {"classifier.prototypes", "classifier.initialized"}
+    linear_weights = {k: v for k, v in weights.items() if k in vanilla.state_dict()}
+    vanilla.load_state_dict(linear_weights, strict=True)
+    linear = nnUNetPredictor(device=torch.device("cpu"))
+    linear.manual_initialization(vanilla, reference.plans_manager, reference.configuration_manager,
+                                 [linear_weights], reference.dataset_json, "nnUNetTrainer",
+                                 reference.allowed_mirroring_axes)
+    out = workspace["root"] / "linear_reference"
+    linear.predict_from_files(str(workspace["images"]), str(out), save_probabilities=False, overwrite=True,
+                              num_processes_preprocessing=1, num_processes_segmentation_export=1)
+    for case in workspace["val_cases"]:
+        ours = sitk.GetArrayFromImage(sitk.ReadImage(str(workspace["root"] / "predictions" /
+                                                         "nnUNetTrainerMPER_testBudget" / f"{case}.nii.gz")))
+        theirs = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}.nii.gz")))
+        assert np.array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("trainer,stop_after", [("nnUNetTrainerSIPL_resumeProbe", 0),
+                                                 ("nnUNetTrainerMPER_resumeProbe", 1),
+                                                 ("nnUNetTrainerMPERSemi_resumeProbe", 1)])
+def test_resume_with_c_restores_the_head_state(workspace, trainer, stop_after, tmp_path):
+    env = workspace["env"]
+    train = [command("nnUNetv2_train"), DATASET_ID, CONFIGURATION, "1", "-tr", trainer, "-device", "cpu"]
+    run(train, env, {"PROTO_TEST_STOP_AFTER_EPOCH": str(stop_after)}, expect=75)  # killed after that epoch
+    latest = output_folder(env, trainer, 1) / "checkpoint_latest.pth"
+    saved = torch.load(latest, weights_only=False)
+    run(train + ["--c"], env, {"PROTO_TEST_RESUME_DUMP": str(tmp_path / "restored.pt")})
+    restored = torch.load(tmp_path / "restored.pt", weights_only=False)
+    assert restored["epoch"] == saved["current_epoch"] == stop_after + 1
+    assert set(restored["network"]) == set(saved["network_weights"])
+    for key, value in saved["network_weights"].items():
+        assert torch.equal(restored["network"][key], value), key
+    if "SIPL" in trainer:
+        assert "head.smg.tau" in saved["network_weights"]
+    else:  # the prototypes were initialised before the interruption and come back as they were
+        assert bool(saved["network_weights"]["classifier.initialized"].all())
+    if "Semi" in trainer:  # the teacher and the labelled subset come back too
+        extra = saved["nnunetv2_proto_state"]
+        assert restored["extra"]["labeled_cases"] == extra["labeled_cases"] and len(extra["labeled_cases"]) == 2
+        for key, value in extra["teacher"].items():
+            assert torch.equal(restored["extra"]["teacher"][key], value), key
+    assert (output_folder(env, trainer, 1) / "checkpoint_final.pth").is_file()
+
+
+def test_resuming_from_an_incompatible_checkpoint_names_the_problem(workspace, monkeypatch):
+    for key, value in workspace["env"].items():
+        monkeypatch.setenv(key, value)
+    from nnunetv2.run.run_training import get_trainer_from_args
+    from nnunetv2_proto.environment import SetupError
+    trainer = get_trainer_from_args(str(DATASET_ID), CONFIGURATION, 0, "nnUNetTrainerMPER_testBudget",
+                                    device=torch.device("cpu"))
+    sipl_checkpoint = output_folder(workspace["env"], "nnUNetTrainerSIPL_testBudget") / "checkpoint_final.pth"
+    with pytest.raises(SetupError, match="head spec"):
+        trainer.load_checkpoint(str(sipl_checkpoint))
+
+
+def test_semi_supervised_training_never_reads_labels_of_unlabelled_cases(workspace, monkeypatch):
+    """Corrupt the unlabelled cases' label files and label-derived sampling locations: one seeded
+    self-training step (teacher pseudo labels, copy-paste, prototypes) must not change by one bit."""
+    import pickle
+    import random
+
+    for key, value in workspace["env"].items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")  # single-threaded augmentation: reproducible batches
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    def one_step():
+        random.seed(0), np.random.seed(0), torch.manual_seed(0)
+        trainer = get_trainer_from_args(str(DATASET_ID), CONFIGURATION, 2, "nnUNetTrainerMPERSemi_testBudget",
+                                        device=torch.device("cpu"))
+        trainer.initialize()
+        trainer.current_epoch = trainer.warmup_epochs  # self-training: teacher and unlabelled stream active
+        trainer.dataloader_train, trainer.dataloader_val = trainer.get_dataloaders()
+        trainer.on_train_epoch_start()
+        trainer.train_step(next(trainer.dataloader_train))
+        trainer.train_step(next(trainer.dataloader_train))
+        state = {k: v.clone() for k, v in trainer.network.state_dict().items()}
+        return state, trainer.labeled_split()[1]
+
+    reference, unlabeled = one_step()
+    preprocessed = Path(workspace["env"]["nnUNet_preprocessed"]) / DATASET
+    data_folder = preprocessed / "nnUNetPlans_3d_cpu"
+    touched = [data_folder / f"{c}_seg.b2nd" for c in unlabeled] + [data_folder / f"{c}.pkl" for c in unlabeled] + \
+              [preprocessed / "gt_segmentations" / f"{c}.nii.gz" for c in unlabeled] + \
+              [Path(workspace["env"]["nnUNet_raw"]) / DATASET / "labelsTr" / f"{c}.nii.gz" for c in unlabeled]
+    backups = {p: p.read_bytes() for p in touched}
+    try:
+        for path in touched:
+            if path.suffix == ".pkl":  # label-derived foreground locations pointing somewhere else
+                properties = pickle.loads(backups[path])
+                properties["class_locations"] = {k: np.zeros((5, 4), dtype=np.int64)
+                                                 for k in properties["class_locations"]}
+                path.write_bytes(pickle.dumps(properties))
+            else:
+                path.write_bytes(b"not a label file")
+        corrupted, _ = one_step()
+    finally:
+        for path, content in backups.items():
+            path.write_bytes(content)
+    assert unlabeled and set(reference) == set(corrupted)
+    for key in reference:
+        assert torch.equal(reference[key], corrupted[key]), key

@@ -1,0 +1,169 @@
+import io
+
+import pytest
+import torch
+
+from conftest import small_unet
+from nnunetv2_proto.environment import SetupError
+from nnunetv2_proto.heads.kmeans_decoder import cluster_purity, hard_assignment, kmeans_update
+from nnunetv2_proto.label_layout import LabelLayout
+from nnunetv2_proto.losses import SIPLObjective, pseudo_mask_loss
+from nnunetv2_proto.networks import SIPLConfig, SIPLNetwork
+
+SMALL = SIPLConfig(num_queries=8, query_dim=16, num_heads=2, prototype_dim=16)
+
+
+def sipl(dim, k, config=SMALL, layout=None, **unet_kwargs):
+    # five stages as in the CPU preset: decoder stages at 1/8, 1/4, 1/2 and full resolution
+    return SIPLNetwork(small_unet(dim, k, stages=5, **unet_kwargs), layout or LabelLayout(k), config)
+
+
+@pytest.mark.parametrize("dim,shape", [(2, (32, 32)), (3, (16, 32, 32))])
+@pytest.mark.parametrize("k", [2, 4, 14])
+def test_output_shapes_follow_nnunets_deep_supervision_contract(dim, shape, k):
+    network = sipl(dim, k)
+    x = torch.randn(2, 1, *shape)
+    outputs, aux = network(x, return_aux=True)
+    assert [tuple(o.shape) for o in outputs] == [(2, k, *[s // 2 ** i for s in shape]) for i in range(4)]
+    assert len(aux.pseudo_mask_logits) == 6  # two layers on each of the three coarsest decoder stages
+    stage_sizes = [[s // 2 ** i for s in shape] for i in (3, 3, 2, 2, 1, 1)]
+    assert [tuple(p.shape) for p in aux.pseudo_mask_logits] == [(2, k, *s) for s in stage_sizes]
+    network.decoder.deep_supervision = False
+    network.eval()
+    with torch.no_grad():
+        single = network(x)
+    assert torch.is_tensor(single) and tuple(single.shape) == (2, k, *shape)
+
+
+def naive_kmeans_update(values, cluster_logits, filter_labels, tau, num_classes):
+    batch, depth, voxels = values.shape
+    clusters = cluster_logits.shape[1]
+    out = torch.zeros(batch, clusters, depth)
+    for b in range(batch):
+        owner = [int(cluster_logits[b, :, v].argmax()) for v in range(voxels)]
+        for n in range(clusters):
+            members = [v for v in range(voxels) if owner[v] == n]
+            if not members:
+                continue
+            if filter_labels is not None:
+                best = 0.0
+                for c in range(1, num_classes):
+                    inside = sum(1 for v in members if int(filter_labels[b, v]) == c)
+                    best = max(best, inside / len(members))
+                if best < float(tau):
+                    continue
+            out[b, n] = torch.stack([values[b, :, v] for v in members]).mean(0)
+    return out
+
+
+@pytest.mark.parametrize("use_filter", [False, True])
+def test_vectorised_filtered_kmeans_update_equals_a_naive_loop(use_filter):
+    generator = torch.Generator().manual_seed(3)
+    values = torch.randn(2, 5, 60, generator=generator)
+    cluster_logits = torch.randn(2, 7, 60, generator=generator)
+    labels = torch.randint(0, 4, (2, 60), generator=generator) if use_filter else None
+    tau = torch.tensor(0.3)
+    expected = naive_kmeans_update(values, cluster_logits, labels, tau, 4)
+    assert torch.allclose(kmeans_update(values, cluster_logits, labels, tau, 4), expected, atol=1e-6)
+
+
+def test_purity_is_zero_for_an_empty_cluster_and_max_class_share_otherwise():
+    logits = torch.tensor([[[5.0, 5.0, 0.0, 0.0], [0.0, 0.0, 5.0, 5.0], [-9.0, -9.0, -9.0, -9.0]]])
+    classes = torch.nn.functional.one_hot(torch.tensor([[1, 1, 1, 2]]), 3)[..., 1:].float()
+    assert cluster_purity(hard_assignment(logits), classes).tolist() == [[1.0, 0.5, 0.0]]
+
+
+def test_gradients_reach_queries_common_proposals_and_the_prototype_mlp():
+    network = sipl(3, 3)
+    outputs, aux = network(torch.randn(2, 1, 16, 32, 32), return_aux=True)
+    labels = torch.randint(0, 3, (2, 16, 32, 32))
+    loss = sum(o.mean() for o in outputs) + pseudo_mask_loss(aux.pseudo_mask_logits, labels, torch.ones_like(labels, dtype=torch.bool))
+    loss.backward()
+    head = network.head
+    for parameter in (head.smg.queries, head.generator.common_proposals, *head.generator.mlp.parameters()):
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in network.parameters())
+
+
+def test_no_nan_when_classes_are_absent_and_clusters_empty():
+    network = sipl(3, 4)
+    x = torch.randn(2, 1, 16, 32, 32)
+    # only background in the patch: three classes absent; with 8 queries and one class many clusters own nothing
+    target = torch.zeros(2, 1, 16, 32, 32)
+    seg_loss = lambda outputs, t: outputs[0].mean()  # noqa: E731 - the pseudo-mask part is under test
+    network.head.smg.set_tau(0.5)
+    objective = SIPLObjective(seg_loss, LabelLayout(4))
+    outputs, aux = network(x, return_aux=True)
+    loss, parts = objective(outputs, aux, target)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(v) for v in parts.values())
+    assert all(torch.isfinite(p.grad).all() for p in network.parameters() if p.grad is not None)
+
+
+def test_state_dict_round_trip_into_a_network_built_without_deep_supervision():
+    trained = sipl(2, 3, deep_supervision=True)
+    trained.head.smg.set_tau(0.37)
+    buffer = io.BytesIO()
+    torch.save(trained.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = sipl(2, 3, deep_supervision=False)
+    fresh.load_state_dict(torch.load(buffer), strict=True)  # what nnUNetv2_predict does
+    assert float(fresh.head.smg.tau) == pytest.approx(0.37)
+    trained.eval(), fresh.eval()
+    trained.decoder.deep_supervision = False
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(trained(x), fresh(x))
+
+
+@pytest.mark.parametrize("config", [SIPLConfig(num_queries=8, query_dim=16, num_heads=2, prototype_dim=16, use_smg=False),
+                                    SIPLConfig(num_queries=8, query_dim=16, num_heads=2, prototype_dim=16,
+                                               use_instance_proposals=False),
+                                    SIPLConfig(num_queries=8, query_dim=16, num_heads=2, prototype_dim=16,
+                                               predictor="dynamic_conv")])
+def test_variants_train_every_parameter(config):
+    network = sipl(2, 3, config)
+    outputs, aux = network(torch.randn(2, 1, 32, 32), return_aux=True)
+    labels = torch.randint(0, 3, (2, 32, 32))
+    loss = sum(o.mean() for o in outputs)
+    if aux.pseudo_mask_logits:
+        loss = loss + pseudo_mask_loss(aux.pseudo_mask_logits, labels, torch.ones_like(labels, dtype=torch.bool))
+    loss.backward()
+    assert [n for n, p in network.named_parameters() if p.grad is None] == []
+
+
+def test_region_layout_uses_a_background_channel_for_pseudo_masks():
+    layout = LabelLayout(2, ((0, 0), (1, 0), (1, 1)))
+    network = sipl(2, 2, layout=layout)
+    outputs, aux = network(torch.randn(1, 1, 32, 32), return_aux=True)
+    assert outputs[0].shape[1] == 2 and aux.pseudo_mask_logits[0].shape[1] == 3
+
+
+def test_residual_encoder_unet_is_supported():
+    network = sipl(3, 2, residual=True)
+    outputs, _ = network(torch.randn(1, 1, 16, 32, 32), return_aux=True)
+    assert outputs[0].shape == (1, 2, 16, 32, 32)
+
+
+def test_an_architecture_without_decoder_stages_is_rejected_with_a_fix():
+    with pytest.raises(SetupError, match="PlainConvUNet"):
+        SIPLNetwork(torch.nn.Conv2d(1, 2, 1), LabelLayout(2), SMALL)
+
+
+def test_forward_traces_as_one_graph_for_torch_compile():
+    """nnU-Net compiles the network on CUDA: no graph breaks (data-dependent Python, .item())."""
+    torch._dynamo.reset()
+    network = sipl(2, 3)
+    compiled = torch.compile(network, backend="eager", fullgraph=True)
+    outputs, aux = compiled(torch.randn(2, 1, 32, 32), return_aux=True)
+    network.eval()
+    network.decoder.deep_supervision = False
+    compiled(torch.randn(1, 1, 32, 32))
+    assert len(aux.pseudo_mask_logits) == 6 and outputs[0].shape == (2, 3, 32, 32)
+
+
+def test_smg_never_runs_at_full_resolution_in_shallow_plans():
+    # four stages (small images): decoder stages at 1/4, 1/2 and 1; SMG takes the two coarse ones
+    network = SIPLNetwork(small_unet(2, 3, stages=4), LabelLayout(3), SMALL)
+    _, aux = network(torch.randn(1, 1, 32, 32), return_aux=True)
+    assert [tuple(p.shape[2:]) for p in aux.pseudo_mask_logits] == [(8, 8), (8, 8), (16, 16), (16, 16)]

@@ -1,0 +1,53 @@
+"""nnUNetTrainerBCP_<N>labeled: bidirectional copy-paste with a mean teacher, vanilla nnU-Net network.
+
+The same semi-supervised pipeline as nnUNetTrainerMPERSemi without prototypes, so the gain
+of each part can be measured. Loss: Dice + CE with voxel weights (1 from labelled patches,
+0.5 from pseudo-labelled ones) on every deep-supervision output, with nnU-Net's weights.
+"""
+
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunetv2_proto.semi.labeled_subset import LABELED_LIST_FILE
+from nnunetv2_proto.trainers.proto_cpu_budget import CpuBudgetMixin
+from nnunetv2_proto.trainers.proto_semi_supervised import SemiSupervisedMixin
+
+
+class nnUNetTrainerBCP(SemiSupervisedMixin, nnUNetTrainer):
+    """Base of the BCP variants; pick one that says how many cases are labelled."""
+
+    def initialize(self):
+        super().initialize()
+        self.objective = self.mixed_batch_loss()
+
+    def forward_and_loss(self, data, target):
+        loss = self.objective(self.network(data), target)
+        return loss, {"seg": loss}, None
+
+
+class nnUNetTrainerBCP_3labeled(nnUNetTrainerBCP):
+    num_labeled = 3
+
+
+class nnUNetTrainerBCP_4labeled(nnUNetTrainerBCP):
+    num_labeled = 4
+
+
+class nnUNetTrainerBCP_7labeled(nnUNetTrainerBCP):
+    num_labeled = 7
+
+
+class nnUNetTrainerBCP_8labeled(nnUNetTrainerBCP):
+    num_labeled = 8
+
+
+class nnUNetTrainerBCP_16labeled(nnUNetTrainerBCP):
+    num_labeled = 16
+
+
+class nnUNetTrainerBCP_labeledList(nnUNetTrainerBCP):
+    labeled_list_file = LABELED_LIST_FILE
+
+
+class nnUNetTrainerBCP_8labeled_cpuBudget(CpuBudgetMixin, nnUNetTrainerBCP_8labeled):
+    # 10% of 200 iterations would hand self-training to a teacher trained for 20 steps
+    warmup_fraction = 0.3

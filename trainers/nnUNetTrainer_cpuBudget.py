@@ -1,0 +1,7 @@
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunetv2_proto.trainers.proto_cpu_budget import CpuBudgetMixin
+
+
+class nnUNetTrainer_cpuBudget(CpuBudgetMixin, nnUNetTrainer):
+    """Vanilla nnU-Net with the shared CPU budget: the baseline of every CPU-scale comparison."""

@@ -1,0 +1,40 @@
+"""Vanilla nnU-Net on the labelled subset only: the lower bound of every semi-supervised comparison.
+
+``_<N>labeled`` takes N cases of the fold's training split by a seeded choice (recorded in
+fold_X/labeled_cases.json); ``_labeledList`` reads nnUNet_preprocessed/<dataset>/labeled_cases.json
+(a list, or {"<fold>": [...]}) -- use it for protocols that count patients, like ACDC's.
+"""
+
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunetv2_proto.semi.labeled_subset import LABELED_LIST_FILE
+from nnunetv2_proto.trainers.proto_cpu_budget import CpuBudgetMixin
+from nnunetv2_proto.trainers.proto_semi_supervised import LabeledSubsetMixin
+
+
+class nnUNetTrainer_3labeled(LabeledSubsetMixin, nnUNetTrainer):
+    num_labeled = 3
+
+
+class nnUNetTrainer_4labeled(LabeledSubsetMixin, nnUNetTrainer):
+    num_labeled = 4
+
+
+class nnUNetTrainer_7labeled(LabeledSubsetMixin, nnUNetTrainer):
+    num_labeled = 7
+
+
+class nnUNetTrainer_8labeled(LabeledSubsetMixin, nnUNetTrainer):
+    num_labeled = 8
+
+
+class nnUNetTrainer_16labeled(LabeledSubsetMixin, nnUNetTrainer):
+    num_labeled = 16
+
+
+class nnUNetTrainer_labeledList(LabeledSubsetMixin, nnUNetTrainer):
+    labeled_list_file = LABELED_LIST_FILE
+
+
+class nnUNetTrainer_8labeled_cpuBudget(CpuBudgetMixin, nnUNetTrainer_8labeled):
+    pass

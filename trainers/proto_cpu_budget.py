@@ -1,0 +1,58 @@
+"""The one short training budget shared by every trainer family, for CPU-scale comparisons.
+
+``<Trainer>_cpuBudget`` variants combine this mixin with a trainer family, so vanilla,
+SIPL, MPER and the semi-supervised trainers see exactly the same number of optimiser steps
+(``CPU_BUDGET_EPOCHS * CPU_BUDGET_ITERATIONS_PER_EPOCH``), like nnU-Net's ``_5epochs``
+variants. The mixin also times the training phase of each epoch (iterations only, not
+validation) and writes ``training_timing.json`` next to the checkpoints, which is where the
+demo's and benchmarks' seconds-per-iteration figures come from.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from os.path import join
+from typing import List
+
+import numpy as np
+import torch
+
+CPU_BUDGET_EPOCHS = 20
+CPU_BUDGET_ITERATIONS_PER_EPOCH = 10
+CPU_BUDGET_VALIDATION_ITERATIONS = 4
+TIMING_FILE = "training_timing.json"
+
+
+class CpuBudgetMixin:
+    """Put before the trainer class in the bases: ``class X_cpuBudget(CpuBudgetMixin, X)``."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = CPU_BUDGET_EPOCHS
+        self.num_iterations_per_epoch = CPU_BUDGET_ITERATIONS_PER_EPOCH
+        self.num_val_iterations_per_epoch = CPU_BUDGET_VALIDATION_ITERATIONS
+        self._train_phase_started = 0.0
+        self._train_phase_seconds: List[float] = []
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        self._train_phase_started = time.perf_counter()
+
+    def on_train_epoch_end(self, train_outputs):
+        self._train_phase_seconds.append(time.perf_counter() - self._train_phase_started)
+        super().on_train_epoch_end(train_outputs)
+        if self.local_rank == 0:
+            seconds = self._train_phase_seconds
+            # the first epoch also pays for data loader start-up; leave it out of the median when we can
+            steady = seconds[1:] if len(seconds) > 1 else seconds
+            record = {
+                "iterations_per_epoch": self.num_iterations_per_epoch,
+                "train_phase_seconds_per_epoch": seconds,
+                "median_seconds_per_iteration": float(np.median(steady)) / self.num_iterations_per_epoch,
+                "device": str(self.device),
+                "torch_threads": torch.get_num_threads(),
+            }
+            with open(join(self.output_folder, TIMING_FILE), "w") as f:
+                json.dump(record, f, indent=2)

@@ -1,0 +1,242 @@
+"""Labelled subsets and BCP-style semi-supervised training for any nnU-Net trainer family.
+
+``LabeledSubsetMixin``: a fold's training cases split into labelled (seeded choice of
+``num_labeled`` cases, or an explicit list file) and unlabelled; written to
+``fold_X/labeled_cases.json`` and kept in the checkpoint (``--c`` refuses a different split).
+Alone it trains on the labelled cases only: the supervised lower bound.
+
+``SemiSupervisedMixin`` adds the unlabelled cases: a second stream through nnU-Net's own
+augmentation that reads images only (never labels, no foreground oversampling), a mean
+teacher, and bidirectional copy-paste (BCP). Phases by epoch:
+1. warm-up (``warmup_fraction`` of epochs): copy-paste among labelled patches;
+2. self-training: the teacher (initialised from the warmed-up student, then EMA) labels the
+   unlabelled patches; labelled and unlabelled patches are pasted into each other both ways;
+   voxels from unlabelled patches weigh ``unlabeled_weight`` in the loss.
+Prediction and nnU-Net's validation use the student, the network nnU-Net checkpoints; the
+teacher lives in the checkpoint's extra state.
+"""
+
+from __future__ import annotations
+
+import json
+from os.path import join
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import autocast
+
+from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+from nnunetv2.utilities.helpers import dummy_context
+
+from nnunetv2_proto.environment import SetupError
+from nnunetv2_proto.label_layout import LabelLayout
+from nnunetv2_proto.losses import WeightedDiceCE
+from nnunetv2_proto.semi.copy_paste import MixedTarget, bidirectional_pairs, copy_paste, cuboid_masks, swapped_pairs
+from nnunetv2_proto.semi.image_only_dataset import ImageOnlyDataset
+from nnunetv2_proto.semi.labeled_subset import (LABELED_LIST_FILE, labeled_subset_from_file, seeded_labeled_subset,
+                                                split_labeled)
+from nnunetv2_proto.semi.mean_teacher import ema_update_, largest_component, make_teacher
+from nnunetv2_proto.trainers.proto_trainer_base import ExtensibleTrainerMixin
+
+SPLIT_RECORD = "labeled_cases.json"
+
+
+class LabeledSubsetMixin(ExtensibleTrainerMixin):
+    num_labeled: Optional[int] = None
+    labeled_list_file: Optional[str] = None  # relative to nnUNet_preprocessed/<dataset>/
+    labeled_seed = 12345
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        if (self.num_labeled is None) == (self.labeled_list_file is None):
+            raise SetupError(f"{self.__class__.__name__} must set exactly one of num_labeled / labeled_list_file",
+                             "use a _<N>labeled or _labeledList variant")
+        self._labeled_split: Optional[Tuple[List[str], List[str]]] = None
+
+    def labeled_split(self) -> Tuple[List[str], List[str]]:
+        """(labelled, unlabelled) training cases of this fold; computed once and recorded."""
+        if self._labeled_split is None:
+            training_cases, _ = self.do_split()
+            if self.labeled_list_file is not None:
+                source = join(self.preprocessed_dataset_folder_base, self.labeled_list_file)
+                labeled = labeled_subset_from_file(source, self.fold, training_cases)
+            else:
+                source = f"seeded choice (seed {self.labeled_seed + int(self.fold)})"
+                labeled = seeded_labeled_subset(training_cases, self.num_labeled, self.labeled_seed + int(self.fold))
+            self._labeled_split = split_labeled(training_cases, labeled)
+            if self.local_rank == 0:
+                with open(join(self.output_folder, SPLIT_RECORD), "w") as f:
+                    json.dump({"source": source, "labeled": self._labeled_split[0],
+                               "unlabeled": self._labeled_split[1]}, f, indent=2)
+            self.print_to_log_file(f"{len(self._labeled_split[0])} labelled and {len(self._labeled_split[1])} "
+                                   f"unlabelled training cases ({source})")
+        return self._labeled_split
+
+    def get_tr_and_val_datasets(self):
+        _, dataset_val = super().get_tr_and_val_datasets()
+        labeled, _ = self.labeled_split()
+        dataset_tr = self.dataset_class(self.preprocessed_dataset_folder, labeled,
+                                        folder_with_segs_from_previous_stage=self.folder_with_segs_from_previous_stage)
+        return dataset_tr, dataset_val
+
+    def extra_checkpoint_state(self) -> Dict[str, Any]:
+        return {**super().extra_checkpoint_state(), "labeled_cases": self.labeled_split()[0]}
+
+    def load_extra_checkpoint_state(self, state: Dict[str, Any]) -> None:
+        super().load_extra_checkpoint_state(state)
+        if "labeled_cases" in state and state["labeled_cases"] != self.labeled_split()[0]:
+            raise SetupError(
+                "the checkpoint was trained with a different labelled subset than this trainer selects now "
+                f"({len(state['labeled_cases'])} recorded vs {len(self.labeled_split()[0])} now)",
+                "resume with the same variant, seed and labelled-case list, or start a fresh training")
+
+
+class PairedLoader:
+    """Draws one labelled and one unlabelled batch per training step."""
+
+    def __init__(self, labeled, unlabeled):
+        self.labeled, self.unlabeled = labeled, unlabeled
+
+    def __next__(self) -> dict:
+        return {"labeled": next(self.labeled), "unlabeled": next(self.unlabeled)}
+
+    def _finish(self) -> None:
+        for loader in (self.labeled, self.unlabeled):
+            if hasattr(loader, "_finish"):
+                loader._finish()
+
+
+class SemiSupervisedMixin(LabeledSubsetMixin):
+    warmup_fraction = 0.1
+    teacher_decay = 0.99
+    unlabeled_weight = 0.5
+    copy_paste_fraction = 2 / 3
+    confidence_threshold = 0.9
+    # keep only the largest connected component of pseudo labels; None: for single-structure datasets
+    largest_component: Optional[bool] = None
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.label_manager.has_regions:
+            raise SetupError("semi-supervised training needs a softmax label layout; this dataset trains regions",
+                             "use a label (non-region) dataset.json, or a supervised prototype trainer")
+        if self.is_cascaded:
+            raise SetupError("semi-supervised trainers do not support the cascade's second stage",
+                             "train 3d_fullres, 3d_lowres, 2d or a CPU preset instead")
+        self.mix_layout = LabelLayout.from_label_manager(self.label_manager)
+        self.teacher: Optional[torch.nn.Module] = None
+        if self.largest_component is None:
+            self.largest_component = len(self.label_manager.foreground_labels) == 1
+
+    @property
+    def warmup_epochs(self) -> int:
+        return max(1, round(self.warmup_fraction * self.num_epochs))
+
+    @property
+    def in_self_training(self) -> bool:
+        return self.current_epoch >= self.warmup_epochs
+
+    # --- data --------------------------------------------------------------------------------
+    def get_dataloaders(self):
+        labeled, validation = super().get_dataloaders()
+        return PairedLoader(labeled, self._unlabeled_loader()), validation
+
+    def _unlabeled_loader(self):
+        _, unlabeled = self.labeled_split()
+        if not unlabeled:
+            raise SetupError("no unlabelled training cases are left in this fold",
+                             "use a variant with fewer labelled cases")
+        file_format = "b2nd" if self.dataset_class is nnUNetDatasetBlosc2 else "npz"
+        dataset = ImageOnlyDataset(self.preprocessed_dataset_folder, unlabeled, file_format)
+        patch_size = self.configuration_manager.patch_size
+        rotation, dummy_2d, initial_patch_size, mirror_axes = \
+            self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        transforms = self.get_training_transforms(
+            patch_size, rotation, None, mirror_axes, dummy_2d,
+            use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=False,
+            foreground_labels=self.label_manager.foreground_labels, regions=None, ignore_label=None)
+        loader = nnUNetDataLoader(dataset, self.batch_size, initial_patch_size, patch_size, self.label_manager,
+                                  oversample_foreground_percent=0.0, sampling_probabilities=None, pad_sides=None,
+                                  transforms=transforms, probabilistic_oversampling=False)
+        loader.has_ignore = False  # random crops: no label-derived sampling locations exist for these cases
+        processes = get_allowed_n_proc_DA()
+        if processes == 0:
+            return SingleThreadedAugmenter(loader, None)
+        return NonDetMultiThreadedAugmenter(data_loader=loader, transform=None, num_processes=processes,
+                                            num_cached=max(6, processes // 2), seeds=None,
+                                            pin_memory=self.device.type == "cuda", wait_time=0.002)
+
+    def on_train_end(self):
+        super().on_train_end()
+        if isinstance(self.dataloader_train, PairedLoader):
+            self.dataloader_train._finish()
+
+    # --- phases and the teacher ------------------------------------------------------------
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        if self.in_self_training and self.teacher is None:
+            self.teacher = make_teacher(self.core_network)
+            self.print_to_log_file("self-training starts: mean teacher initialised from the warmed-up student")
+
+    @torch.no_grad()
+    def pseudo_labels(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        self.teacher.decoder.deep_supervision = False
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            logits = self.teacher(images)
+        probabilities = torch.softmax(logits.float(), 1)
+        confidence, labels = probabilities.max(1)
+        if self.largest_component:
+            labels = largest_component(labels)
+        return labels, confidence
+
+    def after_optimizer_step(self, aux, target) -> None:
+        super().after_optimizer_step(aux, target)
+        if self.teacher is not None:
+            ema_update_(self.teacher, self.core_network, self.teacher_decay)
+
+    # --- copy-paste batches ----------------------------------------------------------------
+    def training_inputs(self, batch: dict):
+        data, target = super().training_inputs(batch["labeled"])
+        labels, valid = self.mix_layout.exclusive_target(target[0] if isinstance(target, list) else target)
+        pairs = 2 * (data.shape[0] // 2)
+        if pairs == 0:
+            raise SetupError("copy-paste needs at least two labelled patches per batch",
+                             "use plans with batch size >= 2")
+        data, labels, valid = data[:pairs], labels[:pairs], valid[:pairs].float()
+        masks = cuboid_masks(pairs, data.shape[2:], self.copy_paste_fraction, device=data.device)
+        if not self.in_self_training:
+            images = copy_paste(data, swapped_pairs(data), masks)
+            mixed_labels = copy_paste(labels, swapped_pairs(labels), masks)
+            weights = copy_paste(valid, swapped_pairs(valid), masks)
+            return images, MixedTarget(mixed_labels, weights, weights > 0)
+        unlabeled = batch["unlabeled"]["data"][:pairs].to(self.device, non_blocking=True)
+        pseudo, confidence = self.pseudo_labels(unlabeled)
+        images = copy_paste(*bidirectional_pairs(data, unlabeled), masks)
+        mixed_labels = copy_paste(*bidirectional_pairs(labels, pseudo), masks)
+        weights = copy_paste(*bidirectional_pairs(valid, torch.full_like(valid, self.unlabeled_weight)), masks)
+        trusted = copy_paste(*bidirectional_pairs(valid > 0, confidence > self.confidence_threshold), masks)
+        return images, MixedTarget(mixed_labels, weights, trusted)
+
+    def mixed_batch_loss(self) -> WeightedDiceCE:
+        factors = self.loss.weight_factors if isinstance(self.loss, DeepSupervisionWrapper) else None
+        return WeightedDiceCE(factors)
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def extra_checkpoint_state(self) -> Dict[str, Any]:
+        state = super().extra_checkpoint_state()
+        if self.teacher is not None:
+            state["teacher"] = {k: v.detach().cpu() for k, v in self.teacher.state_dict().items()}
+        return state
+
+    def load_extra_checkpoint_state(self, state: Dict[str, Any]) -> None:
+        super().load_extra_checkpoint_state(state)
+        if "teacher" in state:
+            self.teacher = make_teacher(self.core_network)
+            self.teacher.load_state_dict(state["teacher"])

@@ -1,0 +1,178 @@
+"""What the plugin's trainers share.
+
+``ExtensibleTrainerMixin`` (any nnUNetTrainer): nnU-Net's training step split into hooks
+(``training_inputs``, ``forward_and_loss``, ``after_optimizer_step``), loss-part logging, and
+checkpoint state beyond network/optimizer that ``--c`` must restore.
+
+``PrototypeTrainerBase``: building the network from the plans' head spec, the head's
+auxiliary outputs in the loss, and a clear error when ``--c`` meets a checkpoint written
+with a different head.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from torch import autocast, nn
+from torch._dynamo import OptimizedModule
+from torch.nn.parallel import DistributedDataParallel
+
+from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.helpers import dummy_context
+
+from nnunetv2_proto.environment import SetupError
+from nnunetv2_proto.label_layout import LabelLayout
+from nnunetv2_proto.networks import HEAD_SPEC_KEY, attach_head_spec, build_from_plans, head_spec
+
+EXTRA_STATE_KEY = "nnunetv2_proto_state"
+
+
+def unwrap(network: nn.Module) -> nn.Module:
+    """The plain module inside DDP and torch.compile wrappers."""
+    if isinstance(network, DistributedDataParallel):
+        network = network.module
+    if isinstance(network, OptimizedModule):
+        network = network._orig_mod
+    return network
+
+
+class ExtensibleTrainerMixin:
+    """Put before ``nnUNetTrainer`` (or a subclass) in the bases."""
+
+    @property
+    def core_network(self) -> nn.Module:
+        return unwrap(self.network)
+
+    # --- training step ----------------------------------------------------------------------
+    def training_inputs(self, batch: dict) -> Tuple[torch.Tensor, Any]:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
+            else target.to(self.device, non_blocking=True)
+        return data, target
+
+    def forward_and_loss(self, data: torch.Tensor, target) -> Tuple[torch.Tensor, Dict[str, Any], Optional[Any]]:
+        """(loss, named loss parts for the log, auxiliary outputs for ``after_optimizer_step``)."""
+        loss = self.loss(self.network(data), target)
+        return loss, {"seg": loss}, None
+
+    def after_optimizer_step(self, aux, target) -> None:
+        """Gradient-free updates after each step (prototype EMA, teacher EMA)."""
+
+    def train_step(self, batch: dict) -> dict:
+        data, target = self.training_inputs(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        # nnU-Net autocasts on CUDA only (CPU autocast is slow, MPS unsupported)
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            loss, parts, aux = self.forward_and_loss(data, target)
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.optimizer.step()
+        with torch.no_grad():
+            self.after_optimizer_step(aux, target)
+        result = {"loss": loss.detach().cpu().numpy()}
+        result.update({f"part_{k}": float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in parts.items()})
+        return result
+
+    def on_train_epoch_end(self, train_outputs):
+        super().on_train_epoch_end(train_outputs)
+        names = sorted(k for k in train_outputs[0] if k.startswith("part_")) if train_outputs else []
+        if len(names) > 1:
+            means = {n[5:]: round(float(np.mean([o[n] for o in train_outputs])), 4) for n in names}
+            self.print_to_log_file(f"loss parts: {means}")
+
+    # --- checkpoints ------------------------------------------------------------------------
+    def extra_checkpoint_state(self) -> Dict[str, Any]:
+        """Trainer state beyond network/optimizer that ``--c`` must restore; extend with super()."""
+        return {}
+
+    def load_extra_checkpoint_state(self, state: Dict[str, Any]) -> None:
+        """Restore what ``extra_checkpoint_state`` saved; extend with super()."""
+
+    def check_checkpoint(self, checkpoint: dict, source: str) -> None:
+        """Raise a SetupError if ``checkpoint`` cannot be resumed by this trainer."""
+
+    def save_checkpoint(self, filename: str) -> None:
+        super().save_checkpoint(filename)
+        state = self.extra_checkpoint_state()
+        if state and self.local_rank == 0 and not self.disable_checkpointing:
+            # nnU-Net's save_checkpoint has no hook for extra entries: add ours to the file it wrote
+            checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
+            checkpoint[EXTRA_STATE_KEY] = state
+            torch.save(checkpoint, filename)
+
+    def load_checkpoint(self, filename_or_checkpoint: Union[dict, str]) -> None:
+        if not isinstance(filename_or_checkpoint, str):
+            raise TypeError("nnU-Net 2.8's load_checkpoint reads a checkpoint file: pass its path")
+        checkpoint = torch.load(filename_or_checkpoint, map_location="cpu", weights_only=False)
+        self.check_checkpoint(checkpoint, filename_or_checkpoint)
+        super().load_checkpoint(filename_or_checkpoint)
+        self.load_extra_checkpoint_state(checkpoint.get(EXTRA_STATE_KEY, {}))
+
+
+class PrototypeTrainerBase(ExtensibleTrainerMixin, nnUNetTrainer):
+    head_kind: str = ""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.label_layout = LabelLayout.from_label_manager(self.label_manager)
+        attach_head_spec(self.plans_manager, configuration, self.configuration_manager,
+                         head_spec(self.head_kind, self.label_layout, self.head_config()))
+
+    def head_config(self):
+        raise NotImplementedError
+
+    def build_objective(self) -> nn.Module:
+        """The training loss, a library module that wraps nnU-Net's loss (``self.loss``)."""
+        raise NotImplementedError
+
+    def initialize(self):
+        super().initialize()
+        self.objective = self.build_objective()
+
+    @staticmethod
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
+        unet = nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
+                                                        num_output_channels, enable_deep_supervision)
+        return build_from_plans(unet, configuration_manager)
+
+    @property
+    def full_resolution_loss(self) -> nn.Module:
+        """nnU-Net's segmentation loss for one (full-resolution) output, without deep supervision weights."""
+        return self.loss.loss if isinstance(self.loss, DeepSupervisionWrapper) else self.loss
+
+    def compute_loss(self, output, aux, target) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        return self.objective(output, aux, target)
+
+    def forward_and_loss(self, data, target):
+        output, aux = self.network(data, return_aux=True)
+        loss, parts = self.compute_loss(output, aux, target)
+        return loss, parts, aux
+
+    def check_checkpoint(self, checkpoint: dict, source: str) -> None:
+        super().check_checkpoint(checkpoint, source)
+        ours = self.configuration_manager.configuration[HEAD_SPEC_KEY]
+        try:
+            theirs = checkpoint["init_args"]["plans"]["configurations"][checkpoint["init_args"]["configuration"]] \
+                .get(HEAD_SPEC_KEY)
+        except (KeyError, TypeError):
+            theirs = None
+        if theirs != ours:
+            raise SetupError(
+                f"the checkpoint {source} (trainer {checkpoint.get('trainer_name')}) was written with the head "
+                f"spec {theirs}, but {self.__class__.__name__} builds {ours}; resuming would load mismatched weights",
+                "resume with the trainer that wrote the checkpoint, or start a fresh training "
+                f"(move {self.output_folder} away)",
+            )
