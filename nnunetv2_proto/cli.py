@@ -61,7 +61,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from nnunetv2_proto.evaluation.compare import compare
     out = compare(args.d, args.c, args.tr, args.p, args.f, args.baseline, Path(args.out) if args.out else None,
                   Path(args.test_gt) if args.test_gt else None,
-                  Path(args.test_pred_root) if args.test_pred_root else None, args.allow_missing, args.np)
+                  Path(args.test_pred_root) if args.test_pred_root else None, args.allow_missing, args.np,
+                  Path(args.dataset_json) if args.dataset_json else None)
     print((out / "comparison.md").read_text())
     print(f"written: {out}/comparison.md, .csv, .json, comparison_boxplots.png, comparison_scatter.png")
     return 0
@@ -70,7 +71,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_benchmark_heads(args: argparse.Namespace) -> int:
     from nnunetv2_proto.evaluation.benchmark import benchmark_heads, format_benchmark
     report = benchmark_heads(args.d, args.c, args.tr, args.p, args.baseline, args.num_classes, args.steps,
-                             args.warmup, args.device, args.batch_size, Path(args.out) if args.out else None)
+                             args.warmup, args.device, args.batch_size, Path(args.out) if args.out else None,
+                             args.sequential)
     print(format_benchmark(report))
     return 0
 
@@ -146,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-gt", default=None, help="external test set: reference folder")
     p.add_argument("--test-pred-root", default=None, help="external test set: folder with one subfolder per trainer")
     p.add_argument("--out", default=None, help="output folder (default ./comparison_<dataset>_<config>)")
+    p.add_argument("--dataset-json", default=None,
+                   help="structure names / regions (default: the dataset's dataset.json when found)")
     p.add_argument("--allow-missing", action="store_true", help="compare what exists; list the rest as missing")
     p.add_argument("-np", type=int, default=2, help="processes for evaluation")
     p.set_defaults(func=_cmd_compare)
@@ -162,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--batch-size", type=int, default=None, help="override the plans' batch size")
     p.add_argument("--out", default=None, help="write the results as JSON")
+    p.add_argument("--sequential", action="store_true",
+                   help="one trainer at a time (large configurations whose set-ups do not fit in memory together)")
     p.set_defaults(func=_cmd_benchmark_heads)
     return parser
 

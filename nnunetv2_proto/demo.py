@@ -28,7 +28,10 @@ from nnunetv2_proto.environment import SetupError, trainer_directory
 DEMO_DATASET_ID = 990
 DEMO_DATASET_NAME = "ProtoDemo"
 DEMO_CONFIGURATION = "3d_cpu"
-DEFAULT_TRAINERS = ("nnUNetTrainer_cpuBudget", "nnUNetTrainerSIPL_cpuBudget", "nnUNetTrainerMPER_cpuBudget")
+# vanilla nnU-Net and one trainer per family, all with the shared CPU budget; the semi-supervised
+# one sees the labels of 8 of fold 0's 16 training cases
+DEFAULT_TRAINERS = ("nnUNetTrainer_cpuBudget", "nnUNetTrainerSIPL_cpuBudget", "nnUNetTrainerMPER_cpuBudget",
+                    "nnUNetTrainerMPERSemi_8labeled_cpuBudget")
 EPOCH_PATTERNS = {
     "epoch": re.compile(r"Epoch (\d+)$"),
     "train_loss": re.compile(r"train_loss (-?[\d.]+)"),
@@ -210,9 +213,9 @@ def run_demo(workdir: Path = Path("nnunet_proto_demo"), trainers: Sequence[str] 
                                            "note": "wall time of nnUNetv2_predict / cases, incl. model loading"}))
         report(f"  {trainer}: {prediction_seconds[trainer]:.1f} s per case")
 
-    report("[6/6] evaluation (nnU-Net's compute_metrics_on_folder), table and figure")
+    report("[6/6] evaluation and comparison (nnunetv2-proto compare), table and figure")
     with scoped_environment(env):
-        results = collect_results(paths, dataset, trainers, cases, prediction_seconds)
+        results = collect_results(paths, dataset, trainers, prediction_seconds, DEMO_CONFIGURATION)
     table_path = write_report(paths, dataset, results, cases)
     report(table_path.with_suffix(".md").read_text())
     report(f"figure: {table_path.with_suffix('.png')}")

@@ -33,10 +33,10 @@ MANIFEST_NAME = "nnunetv2_proto_demo.json"
 @dataclass(frozen=True)
 class DemoDatasetSpec:
     num_cases: int = 20
-    shape_zyx: Tuple[int, int, int] = (24, 48, 48)
+    shape_zyx: Tuple[int, int, int] = (20, 40, 40)
     spacing_zyx: Tuple[float, float, float] = (1.5, 1.0, 1.0)
     seed: int = 0
-    min_voxels_per_class: int = 40
+    min_voxels_per_class: int = 30
 
     def __post_init__(self) -> None:
         if self.num_cases < 5:
@@ -63,7 +63,7 @@ def _random_rotation(rng: np.random.Generator) -> np.ndarray:
 
 def _ellipsoid(grid: np.ndarray, rng: np.random.Generator, shape: Tuple[int, int, int]) -> np.ndarray:
     centre = np.array([rng.uniform(0.25, 0.75) * s for s in shape])
-    radii = rng.uniform(4.5, 8.5, size=3) * np.array([0.7, 1.0, 1.0])
+    radii = rng.uniform(3.8, 7.0, size=3) * np.array([0.7, 1.0, 1.0])
     local = np.einsum("ij,j...->i...", _random_rotation(rng), grid - centre[:, None, None, None])
     return (((local / radii[:, None, None, None]) ** 2).sum(0)) < 1.0
 
@@ -77,12 +77,12 @@ def _tube(grid: np.ndarray, rng: np.random.Generator, shape: Tuple[int, int, int
     idx = np.clip(np.round(curve).astype(int), 0, np.array(shape) - 1)
     on_curve[idx[:, 0], idx[:, 1], idx[:, 2]] = True
     distance = ndimage.distance_transform_edt(~on_curve)
-    return distance < rng.uniform(2.2, 3.6)
+    return distance < rng.uniform(1.9, 3.0)
 
 
 def _rounded_box(grid: np.ndarray, rng: np.random.Generator, shape: Tuple[int, int, int]) -> np.ndarray:
     centre = np.array([rng.uniform(0.25, 0.75) * s for s in shape])
-    half = rng.uniform(4.5, 8.5, size=3) * np.array([0.7, 1.0, 1.0])
+    half = rng.uniform(3.8, 7.0, size=3) * np.array([0.7, 1.0, 1.0])
     local = np.einsum("ij,j...->i...", _random_rotation(rng), grid - centre[:, None, None, None])
     # superellipsoid with exponent 4: a box with rounded corners
     return ((np.abs(local / half[:, None, None, None]) ** 4).sum(0)) < 1.0

@@ -9,7 +9,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-TIMING_FILE = "training_timing.json"
+from nnunetv2_proto.trainers.proto_cpu_budget import TIMING_FILE
+
 
 
 @dataclass
@@ -17,45 +18,44 @@ class TrainerResult:
     trainer: str
     dice_per_class: Dict[str, float]
     mean_dice: float
+    mean_hd95: float
+    p_wilcoxon: float
     seconds_per_iteration: Optional[float]
     seconds_per_case: Optional[float]
 
 
-def _label_names(dataset_json: dict) -> Dict[int, str]:
-    return {int(v): k for k, v in dataset_json["labels"].items() if isinstance(v, int) and int(v) != 0}
-
-
-def collect_results(paths, dataset: str, trainers: Sequence[str], cases: Sequence[str],
-                    prediction_seconds: Dict[str, float]) -> List[TrainerResult]:
-    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
-    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
-    dataset_json = json.loads((paths.raw / dataset / "dataset.json").read_text())
-    names = _label_names(dataset_json)
+def collect_results(paths, dataset: str, trainers: Sequence[str], prediction_seconds: Dict[str, float],
+                    configuration: str) -> List[TrainerResult]:
+    """Scores every trainer's nnUNetv2_predict output with ``nnunetv2-proto compare`` (test-set mode)."""
+    from nnunetv2_proto.evaluation.compare import MEAN, compare
+    out = compare(dataset, configuration, list(trainers), baseline=trainers[0],
+                  output=paths.workdir / "comparison", test_gt=paths.raw / dataset / "labelsTr",
+                  test_pred_root=paths.workdir / "predictions", dataset_json=paths.raw / dataset / "dataset.json",
+                  num_processes=2, progress=lambda _: None)
+    report = json.loads((out / "comparison.json").read_text())
+    stats = {(r["trainer"], r["structure"], r["metric"]): r for r in report["statistics"]}
     results = []
     for trainer in trainers:
-        out = paths.predictions(trainer)
-        summary = compute_metrics_on_folder(str(paths.raw / dataset / "labelsTr"), str(out),
-                                            str(out / "summary.json"), SimpleITKIO(), dataset_json["file_ending"],
-                                            sorted(names), None, num_processes=2, chill=True)
-        per_class = {names[int(k)]: float(v["Dice"]) for k, v in summary["mean"].items()}
-        timing = paths.results / dataset / f"{trainer}__nnUNetPlans__3d_cpu" / "fold_0" / TIMING_FILE
+        timing = paths.results / dataset / f"{trainer}__nnUNetPlans__{configuration}" / "fold_0" / TIMING_FILE
         seconds = json.loads(timing.read_text())["median_seconds_per_iteration"] if timing.is_file() else None
-        results.append(TrainerResult(trainer, per_class, float(summary["foreground_mean"]["Dice"]), seconds,
-                                     prediction_seconds.get(trainer)))
+        results.append(TrainerResult(
+            trainer, {s: stats[(trainer, s, "Dice")]["mean"] for s in report["structures"]},
+            stats[(trainer, MEAN, "Dice")]["mean"], stats[(trainer, MEAN, "HD95")]["mean"],
+            stats[(trainer, MEAN, "Dice")]["p_wilcoxon"], seconds, prediction_seconds.get(trainer)))
     return results
 
 
-def markdown_table(results: Sequence[TrainerResult], baseline: Optional[str] = None) -> str:
+def markdown_table(results: Sequence[TrainerResult]) -> str:
     classes = list(results[0].dice_per_class)
-    base = next((r for r in results if r.trainer == baseline), results[0])
-    header = ["trainer", *[f"Dice {c}" for c in classes], "mean Dice", "s / train iteration", "x vanilla",
-              "s / predicted case"]
+    base = results[0]
+    header = ["trainer", *[f"Dice {c}" for c in classes], "mean Dice", "mean HD95 (mm)", "s / train iteration",
+              "x vanilla", "s / predicted case"]
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
         ratio = (f"{r.seconds_per_iteration / base.seconds_per_iteration:.2f}"
                  if r.seconds_per_iteration and base.seconds_per_iteration else "n/a")
         cells = [r.trainer, *[f"{r.dice_per_class[c]:.3f}" for c in classes], f"**{r.mean_dice:.3f}**",
-                 f"{r.seconds_per_iteration:.2f}" if r.seconds_per_iteration else "n/a", ratio,
+                 f"{r.mean_hd95:.2f}", f"{r.seconds_per_iteration:.2f}" if r.seconds_per_iteration else "n/a", ratio,
                  f"{r.seconds_per_case:.1f}" if r.seconds_per_case else "n/a"]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
@@ -81,19 +81,20 @@ def write_report(paths, dataset: str, results: Sequence[TrainerResult], cases: S
     import matplotlib.pyplot as plt
     import SimpleITK as sitk
 
-    table = markdown_table(results, baseline=results[0].trainer)
     md_path = paths.workdir / "results.md"
     md_path.write_text(
-        f"# nnunetv2-proto demo ({dataset}, 3d_cpu, fold 0, {len(cases)} validation cases)\n\n{table}\n\n"
-        "Dice: nnU-Net's compute_metrics_on_folder on nnUNetv2_predict outputs. s / train iteration: median "
-        "training-phase time per iteration (training_timing.json). s / predicted case: nnUNetv2_predict wall "
-        "time divided by cases, model loading included.\n")
+        f"# nnunetv2-proto demo ({dataset}, 3d_cpu, fold 0, {len(cases)} validation cases)\n\n"
+        f"{markdown_table(results)}\n\n"
+        "Dice and HD95: `nnunetv2-proto compare` on the nnUNetv2_predict outputs (per-case details, paired tests "
+        "and plots in comparison/). s / train iteration: median training-phase time per iteration "
+        "(training_timing.json). s / predicted case: nnUNetv2_predict wall time divided by cases, model loading "
+        "included.\n")
     classes = list(results[0].dice_per_class)
     with open(paths.workdir / "results.csv", "w") as f:
-        f.write(",".join(["trainer", *classes, "mean", "s_per_iteration", "s_per_case"]) + "\n")
+        f.write(",".join(["trainer", *classes, "mean_dice", "mean_hd95_mm", "s_per_iteration", "s_per_case"]) + "\n")
         for r in results:
             f.write(",".join([r.trainer, *[f"{r.dice_per_class[c]:.4f}" for c in classes], f"{r.mean_dice:.4f}",
-                              str(r.seconds_per_iteration), str(r.seconds_per_case)]) + "\n")
+                              f"{r.mean_hd95:.3f}", str(r.seconds_per_iteration), str(r.seconds_per_case)]) + "\n")
 
     # the validation case and axial slice with the most foreground
     gt_arrays = {c: sitk.GetArrayFromImage(sitk.ReadImage(str(paths.raw / dataset / "labelsTr" / f"{c}.nii.gz")))

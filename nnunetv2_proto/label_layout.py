@@ -140,6 +140,11 @@ class LabelLayout:
         return torch.log(p / (1 - p)) if self.has_regions else torch.log(p)
 
 
+def full_resolution(target):
+    """nnU-Net's training target at full resolution (the first entry under deep supervision)."""
+    return target[0] if isinstance(target, (list, tuple)) else target
+
+
 def one_hot(labels: torch.Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(B, *spatial) long -> (B, C, *spatial) one-hot, channel-first like nnU-Net."""
     out = torch.zeros((labels.shape[0], num_classes, *labels.shape[1:]), dtype=dtype, device=labels.device)

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 from torch.nn import functional as F
 
-from nnunetv2_proto.label_layout import downsample_labels, one_hot
+from nnunetv2_proto.label_layout import downsample_labels, full_resolution, one_hot
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -103,7 +103,7 @@ class SIPLObjective(torch.nn.Module):
         seg = self.segmentation_loss(outputs, target)
         if not aux.pseudo_mask_logits:
             return seg, {"seg": seg}
-        labels, valid = self.layout.exclusive_target(target[0] if isinstance(target, list) else target)
+        labels, valid = self.layout.exclusive_target(full_resolution(target))
         pseudo = pseudo_mask_loss(aux.pseudo_mask_logits, labels, valid)
         return seg + self.aux_weight * pseudo, {"seg": seg, "pseudo_mask": pseudo}
 
@@ -116,7 +116,7 @@ class FullResolutionTarget(torch.nn.Module):
         self.loss = loss
 
     def forward(self, logits, target):
-        return self.loss(logits, target[0] if isinstance(target, list) else target)
+        return self.loss(logits, full_resolution(target))
 
 
 class MPERObjective(torch.nn.Module):
@@ -141,7 +141,7 @@ class MPERObjective(torch.nn.Module):
                         "consistency": weight_consistency}
         self.consistency_kind = consistency_kind
         self.voxel_targets = voxel_targets or (
-            lambda target: layout.exclusive_target(target[0] if isinstance(target, list) else target))
+            lambda target: layout.exclusive_target(full_resolution(target)))
 
     def forward(self, outputs, aux, target, prototype_output_logits=None, prototype_weight=None):
         linear = self.segmentation_loss(outputs, target)

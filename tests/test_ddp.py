@@ -19,7 +19,8 @@ from torch.nn.parallel import DistributedDataParallel
 from conftest import small_unet
 from nnunetv2_proto.heads.multi_prototype import MultiPrototypeClassifier
 from nnunetv2_proto.label_layout import LabelLayout
-from nnunetv2_proto.losses import FullResolutionTarget, MPERObjective, SIPLObjective
+from nnunetv2_proto.losses import FullResolutionTarget, MPERObjective, SIPLObjective, WeightedDiceCE
+from nnunetv2_proto.semi.copy_paste import MixedTarget, bidirectional_pairs, copy_paste, cuboid_masks, swapped_pairs
 from nnunetv2_proto.networks import MPERConfig, MPERNetwork, SIPLConfig, SIPLNetwork
 
 WORLD = 2
@@ -116,7 +117,37 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     two_steps(mper, lambda: mper_step(True))
     results["mper_prototypes"] = core.classifier.prototypes.clone()
 
-    # 4) EMA and k-means initialisation equal one process that sees the whole batch
+    # 4) semi-supervised MPER: copy-paste warm-up, then self-training with weighted pseudo labels
+    torch.manual_seed(7)
+    semi = DistributedDataParallel(MPERNetwork(small_unet(2, 3, stages=5), LabelLayout(3), MPERConfig(2)))
+    _, ds_loss = nnunet_loss(ddp=True, batch_dice=True, num_outputs=4)
+    mixed_objective = MPERObjective(WeightedDiceCE(ds_loss.weight_factors), WeightedDiceCE(), LabelLayout(3),
+                                    voxel_targets=lambda t: (t.labels, t.weights))
+    core_semi = semi.module
+    core_semi.classifier.initialize_classes([torch.randn(20, 8) for _ in range(3)])
+
+    def semi_step(self_training: bool):
+        labels = targets[0][mine, 0].long()
+        masks = cuboid_masks(2, labels.shape[1:], generator=torch.Generator().manual_seed(rank))
+        if self_training:
+            images = copy_paste(*bidirectional_pairs(x[mine], x[mine].flip(0)), masks)
+            mixed = copy_paste(*bidirectional_pairs(labels, labels.flip(0)), masks)
+            weights = copy_paste(*bidirectional_pairs(torch.ones_like(labels).float(),
+                                                      torch.full(labels.shape, 0.5)), masks)
+        else:
+            images = copy_paste(x[mine], swapped_pairs(x[mine]), masks)
+            mixed = copy_paste(labels, swapped_pairs(labels), masks)
+            weights = torch.ones_like(labels).float()
+        target = MixedTarget(mixed, weights, weights > 0)
+        outputs, aux = semi(images, return_aux=True)
+        extra = (core_semi.prototype_output_logits(aux.prototype_logits), 0.5) if self_training else ()
+        loss, _ = mixed_objective(outputs, aux, target, *extra)
+        loss.backward()
+
+    two_steps(semi, lambda: semi_step(False))
+    two_steps(semi, lambda: semi_step(True))
+
+    # 5) EMA and k-means initialisation equal one process that sees the whole batch
     classifier = MultiPrototypeClassifier(3, 2, 6)
     generator = torch.Generator().manual_seed(11)
     embedding = F.normalize(torch.randn(4, 6, 8, 8, generator=generator), dim=1)

@@ -166,3 +166,11 @@ def test_mper_forward_traces_as_one_graph_for_torch_compile():
     compiled = torch.compile(network, backend="eager", fullgraph=True)
     outputs, aux = compiled(torch.randn(2, 1, 32, 32), return_aux=True)
     assert aux.similarities.shape == (2, 3, 2, 32, 32)
+
+
+def test_autocast_keeps_the_prototype_path_finite():
+    network = mper(3, dim=3)
+    network.classifier.initialized.fill_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs, aux = network(torch.randn(2, 1, 16, 32, 32), return_aux=True)
+    assert torch.isfinite(aux.prototype_logits.float()).all() and aux.similarities.abs().max() <= 1.01

@@ -225,3 +225,24 @@ def test_semi_supervised_training_never_reads_labels_of_unlabelled_cases(workspa
     assert unlabeled and set(reference) == set(corrupted)
     for key in reference:
         assert torch.equal(reference[key], corrupted[key]), key
+
+
+def test_compare_and_benchmark_heads_work_on_real_nnunet_results(workspace, tmp_path):
+    env = workspace["env"]
+    out = tmp_path / "comparison"
+    run([command("nnunetv2-proto"), "compare", "-d", DATASET_ID, "-c", CONFIGURATION, "-f", "0", "-tr",
+         "nnUNetTrainer_testBudget", "nnUNetTrainerSIPL_testBudget", "nnUNetTrainerMPER_testBudget", "--out", out,
+         "-np", "1"], env)
+    report = json.loads((out / "comparison.json").read_text())
+    assert report["baseline"] == "nnUNetTrainer_testBudget" and not report["missing"]
+    assert set(report["structures"]) == {"nodule", "vessel", "cyst"}
+    assert all(len(cases) == len(workspace["val_cases"])
+               for cases in report["per_case"]["nnUNetTrainerSIPL_testBudget"]["Dice"].values())
+    bench = tmp_path / "bench.json"
+    run([command("nnunetv2-proto"), "benchmark-heads", "-d", DATASET_ID, "-c", CONFIGURATION, "-tr",
+         "nnUNetTrainer_testBudget", "nnUNetTrainerSIPL_testBudget", "--steps", "1", "--warmup", "1",
+         "--device", "cpu", "--out", bench], env)
+    results = json.loads(bench.read_text())["results"]
+    assert [r["trainer"] for r in results] == ["nnUNetTrainer_testBudget", "nnUNetTrainerSIPL_testBudget"]
+    assert results[0]["train_step_ratio"] == 1.0 and results[1]["train_step_s"] > 0
+    assert not list((Path(env["nnUNet_results"]) / DATASET).glob("*benchmark*"))  # nothing written there

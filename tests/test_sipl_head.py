@@ -167,3 +167,29 @@ def test_smg_never_runs_at_full_resolution_in_shallow_plans():
     network = SIPLNetwork(small_unet(2, 3, stages=4), LabelLayout(3), SMALL)
     _, aux = network(torch.randn(1, 1, 32, 32), return_aux=True)
     assert [tuple(p.shape[2:]) for p in aux.pseudo_mask_logits] == [(8, 8), (8, 8), (16, 16), (16, 16)]
+
+
+def test_ignore_label_voxels_do_not_touch_the_auxiliary_loss():
+    layout = LabelLayout(3, ignore_label=3)
+    network = sipl(2, 3, layout=layout)
+    outputs, aux = network(torch.randn(1, 1, 32, 32), return_aux=True)
+    for logits in aux.pseudo_mask_logits:
+        logits.retain_grad()
+    target = torch.randint(0, 3, (1, 1, 32, 32)).float()
+    target[..., :16] = 3  # the left half carries the ignore label
+    objective = SIPLObjective(lambda outs, t: outs[0].sum() * 0, layout)
+    loss, parts = objective(outputs, aux, [target])
+    parts["pseudo_mask"].backward()
+    assert torch.isfinite(loss)
+    for logits in aux.pseudo_mask_logits:  # no gradient reaches pseudo-mask voxels inside the ignored half
+        ignored = logits.grad[..., : logits.shape[-1] // 2]
+        assert torch.count_nonzero(ignored) == 0 and torch.count_nonzero(logits.grad) > 0
+
+
+@pytest.mark.parametrize("dim,shape", [(2, (32, 32)), (3, (16, 32, 32))])
+def test_autocast_keeps_similarities_and_pseudo_masks_in_fp32(dim, shape):
+    network = sipl(dim, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs, aux = network(torch.randn(2, 1, *shape), return_aux=True)
+    assert all(p.dtype == torch.float32 for p in aux.pseudo_mask_logits)
+    assert all(torch.isfinite(o.float()).all() for o in outputs)

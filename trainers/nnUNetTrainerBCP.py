@@ -15,9 +15,8 @@ from nnunetv2_proto.trainers.proto_semi_supervised import SemiSupervisedMixin
 class nnUNetTrainerBCP(SemiSupervisedMixin, nnUNetTrainer):
     """Base of the BCP variants; pick one that says how many cases are labelled."""
 
-    def initialize(self):
-        super().initialize()
-        self.objective = self.mixed_batch_loss()
+    def build_objective(self):
+        return self.mixed_batch_loss()
 
     def forward_and_loss(self, data, target):
         loss = self.objective(self.network(data), target)

@@ -19,6 +19,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from nnunetv2_proto.heads.multi_prototype import ClassEmbeddingSampler
+from nnunetv2_proto.label_layout import full_resolution
 from nnunetv2_proto.losses import FullResolutionTarget, MPERObjective, sigmoid_rampup
 from nnunetv2_proto.networks.mper import MPERConfig
 from nnunetv2_proto.trainers.proto_cpu_budget import CpuBudgetMixin
@@ -72,7 +73,7 @@ class nnUNetTrainerMPER(PrototypeTrainerBase):
 
     def voxel_targets(self, target) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """(exclusive class, valid mask, voxels allowed to move prototypes or None for all valid) per voxel."""
-        labels, valid = self.label_layout.exclusive_target(target[0] if isinstance(target, list) else target)
+        labels, valid = self.label_layout.exclusive_target(full_resolution(target))
         return labels, valid, None
 
     def after_optimizer_step(self, aux, target) -> None:

@@ -34,7 +34,7 @@ from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
 
 from nnunetv2_proto.environment import SetupError
-from nnunetv2_proto.label_layout import LabelLayout
+from nnunetv2_proto.label_layout import LabelLayout, full_resolution
 from nnunetv2_proto.losses import WeightedDiceCE
 from nnunetv2_proto.semi.copy_paste import MixedTarget, bidirectional_pairs, copy_paste, cuboid_masks, swapped_pairs
 from nnunetv2_proto.semi.image_only_dataset import ImageOnlyDataset
@@ -67,8 +67,9 @@ class LabeledSubsetMixin(ExtensibleTrainerMixin):
                 source = join(self.preprocessed_dataset_folder_base, self.labeled_list_file)
                 labeled = labeled_subset_from_file(source, self.fold, training_cases)
             else:
-                source = f"seeded choice (seed {self.labeled_seed + int(self.fold)})"
-                labeled = seeded_labeled_subset(training_cases, self.num_labeled, self.labeled_seed + int(self.fold))
+                seed = self.labeled_seed + (int(self.fold) if str(self.fold).isdigit() else 0)
+                source = f"seeded choice (seed {seed})"
+                labeled = seeded_labeled_subset(training_cases, self.num_labeled, seed)
             self._labeled_split = split_labeled(training_cases, labeled)
             if self.local_rank == 0:
                 with open(join(self.output_folder, SPLIT_RECORD), "w") as f:
@@ -130,10 +131,18 @@ class SemiSupervisedMixin(LabeledSubsetMixin):
         if self.is_cascaded:
             raise SetupError("semi-supervised trainers do not support the cascade's second stage",
                              "train 3d_fullres, 3d_lowres, 2d or a CPU preset instead")
-        self.mix_layout = LabelLayout.from_label_manager(self.label_manager)
+        self.label_layout = LabelLayout.from_label_manager(self.label_manager)
         self.teacher: Optional[torch.nn.Module] = None
         if self.largest_component is None:
             self.largest_component = len(self.label_manager.foreground_labels) == 1
+
+    def initialize(self):
+        super().initialize()
+        if self.batch_size < 2:
+            raise SetupError(
+                f"copy-paste pairs patches, but each process gets a batch of {self.batch_size} "
+                f"(plans: {self.configuration_manager.batch_size}, divided among DDP processes)",
+                "use a configuration with batch size >= 2 per GPU (edit batch_size in the plans, or use fewer GPUs)")
 
     @property
     def warmup_epochs(self) -> int:
@@ -204,11 +213,8 @@ class SemiSupervisedMixin(LabeledSubsetMixin):
     # --- copy-paste batches ----------------------------------------------------------------
     def training_inputs(self, batch: dict):
         data, target = super().training_inputs(batch["labeled"])
-        labels, valid = self.mix_layout.exclusive_target(target[0] if isinstance(target, list) else target)
+        labels, valid = self.label_layout.exclusive_target(full_resolution(target))
         pairs = 2 * (data.shape[0] // 2)
-        if pairs == 0:
-            raise SetupError("copy-paste needs at least two labelled patches per batch",
-                             "use plans with batch size >= 2")
         data, labels, valid = data[:pairs], labels[:pairs], valid[:pairs].float()
         masks = cuboid_masks(pairs, data.shape[2:], self.copy_paste_fraction, device=data.device)
         if not self.in_self_training:

@@ -46,6 +46,14 @@ class ExtensibleTrainerMixin:
     def core_network(self) -> nn.Module:
         return unwrap(self.network)
 
+    def build_objective(self) -> Optional[nn.Module]:
+        """The training loss as a library module wrapping nnU-Net's loss (``self.loss``); None: no extra."""
+        return None
+
+    def initialize(self):
+        super().initialize()
+        self.objective = self.build_objective()
+
     # --- training step ----------------------------------------------------------------------
     def training_inputs(self, batch: dict) -> Tuple[torch.Tensor, Any]:
         data = batch["data"].to(self.device, non_blocking=True)
@@ -132,14 +140,6 @@ class PrototypeTrainerBase(ExtensibleTrainerMixin, nnUNetTrainer):
 
     def head_config(self):
         raise NotImplementedError
-
-    def build_objective(self) -> nn.Module:
-        """The training loss, a library module that wraps nnU-Net's loss (``self.loss``)."""
-        raise NotImplementedError
-
-    def initialize(self):
-        super().initialize()
-        self.objective = self.build_objective()
 
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,

@@ -6,7 +6,8 @@ from the dataset's real plans exactly as ``nnUNetv2_train`` builds it: the train
 prototype trainers -- its objective. Only the data differ: synthetic batches of the plans'
 patch and batch size, so full-size configurations can be benchmarked before (or without)
 preprocessing. The timed step is the trainer's own ``train_step`` (forward, loss, backward,
-optimiser, prototype EMA); MPER is measured in its prototype phase. Results are medians
+optimiser, prototype EMA, teacher EMA) in each trainer's costliest phase (MPER with initialised
+prototypes, semi-supervised trainers in self-training). Results are medians
 over repeats after warm-up, taken round-robin across trainers, with ratios to the baseline
 measured in the same run.
 """
@@ -50,7 +51,7 @@ def prepare_like_initialize(trainer) -> None:
         trainer.label_manager.num_segmentation_heads, trainer.enable_deep_supervision).to(trainer.device)
     trainer.optimizer, trainer.lr_scheduler = trainer.configure_optimizers()
     trainer.loss = trainer._build_loss()
-    if hasattr(trainer, "build_objective"):
+    if hasattr(trainer, "build_objective"):  # the plugin's trainers wrap nnU-Net's loss in an objective
         trainer.objective = trainer.build_objective()
     trainer.was_initialized = True
 
@@ -75,11 +76,18 @@ def synthetic_batch(trainer, generator: torch.Generator) -> dict:
     return {"data": data, "target": targets}
 
 
-def _enter_prototype_phase(trainer) -> None:
-    network = trainer.core_network if hasattr(trainer, "core_network") else None
+def _enter_costliest_phase(trainer) -> None:
+    """Measure what training spends most of its steps on: MPER's prototype phase (prototypes
+    initialised) and, for semi-supervised trainers, self-training with a teacher."""
+    from nnunetv2_proto.semi.mean_teacher import make_teacher
+    from torch.nn.parallel import DistributedDataParallel
+    network = trainer.network.module if isinstance(trainer.network, DistributedDataParallel) else trainer.network
+    if hasattr(trainer, "warmup_epochs"):
+        trainer.current_epoch = trainer.warmup_epochs
+    if hasattr(trainer, "pseudo_labels"):
+        trainer.teacher = make_teacher(network)
     classifier = getattr(network, "classifier", None)
     if classifier is not None:
-        trainer.current_epoch = trainer.warmup_epochs
         dim = classifier.prototypes.shape[-1]
         classifier.initialize_classes([torch.randn(64, dim) for _ in range(classifier.num_classes)])
 
@@ -105,10 +113,13 @@ class _Subject:
             os.environ["nnUNet_results"] = results_dir  # the trainer writes its log there, not in the user's folders
             self.trainer = trainer_class(plans, configuration, 0, dataset_json, self.device)
             prepare_like_initialize(self.trainer)
-            _enter_prototype_phase(self.trainer)
+            _enter_costliest_phase(self.trainer)
         self.trainer.network.train()
         generator = torch.Generator().manual_seed(0)
         self.batches = [synthetic_batch(self.trainer, generator) for _ in range(2)]
+        if hasattr(self.trainer, "pseudo_labels"):  # semi-supervised: a labelled and an unlabelled stream
+            self.batches = [{"labeled": self.batches[i], "unlabeled": self.batches[1 - i]} for i in range(2)]
+        self.inference_input = synthetic_batch(self.trainer, generator)["data"][:1]
         self.calls = 0
         self.rss_before = _rss_bytes()
         if self.device.type == "cuda":
@@ -130,7 +141,7 @@ class _Subject:
         import contextlib
         self.trainer.set_deep_supervision_enabled(False)
         self.trainer.network.eval()
-        x = self.batches[0]["data"][:1].to(self.device)
+        x = self.inference_input.to(self.device)
         with torch.no_grad(), (torch.autocast("cuda") if self.device.type == "cuda" else contextlib.nullcontext()):
             self._sync()
             tick = time.perf_counter()
@@ -199,9 +210,11 @@ class _Worker:
 def benchmark_heads(dataset: str, configuration: str, trainers: Sequence[str], plans_name: str = "nnUNetPlans",
                     baseline: Optional[str] = None, num_classes: Optional[int] = None, steps: int = 5,
                     warmup: int = 2, device: Optional[str] = None, batch_size: Optional[int] = None,
-                    output: Optional[Path] = None, progress=print) -> dict:
+                    output: Optional[Path] = None, sequential: bool = False, progress=print) -> dict:
     """Each trainer lives in its own process (memory is attributable); measurements are taken
-    round-robin across trainers, so slow drifts of the machine's speed hit every trainer alike."""
+    round-robin across trainers, so slow drifts of the machine's speed hit every trainer alike.
+    ``sequential`` measures one trainer at a time instead, for sizes where several set-ups do not
+    fit in memory together."""
     from nnunetv2_proto.environment import SetupError, require_nnunet_folders, resolve_dataset_name
     folders = require_nnunet_folders(("nnUNet_preprocessed",))
     name = resolve_dataset_name(dataset)
@@ -219,20 +232,29 @@ def benchmark_heads(dataset: str, configuration: str, trainers: Sequence[str], p
     context = multiprocessing.get_context("spawn")
     workers: List[_Worker] = []
     timings: Dict[str, Dict[str, List[float]]] = {t: {"train": [], "infer": []} for t in order}
+    summaries: Dict[str, dict] = {}
+
+    def measure(group: List[_Worker]) -> None:
+        for kind in ("train", "infer"):
+            for repeat in range(warmup + steps):
+                progress(f"  {kind} round {repeat + 1}/{warmup + steps}" + (" (warm-up)" if repeat < warmup else ""))
+                for worker in group:
+                    elapsed = worker.ask(kind)
+                    if repeat >= warmup:
+                        timings[worker.trainer][kind].append(elapsed)
+        summaries.update({w.trainer: w.ask("summary") for w in group})
+
     with tempfile.TemporaryDirectory() as results_dir:
         try:
             for index, trainer in enumerate(order, start=1):
                 progress(f"  setting up {trainer} ({index}/{len(order)})")
                 workers.append(_Worker(context, trainer, str(plans_file), str(dataset_json), configuration,
                                        num_classes, device, batch_size, results_dir))
-            for kind in ("train", "infer"):
-                for repeat in range(warmup + steps):
-                    progress(f"  {kind} round {repeat + 1}/{warmup + steps}" + (" (warm-up)" if repeat < warmup else ""))
-                    for worker in workers:
-                        elapsed = worker.ask(kind)
-                        if repeat >= warmup:
-                            timings[worker.trainer][kind].append(elapsed)
-            summaries = {w.trainer: w.ask("summary") for w in workers}
+                if sequential:
+                    measure(workers[-1:])
+                    workers.pop().close()
+            if not sequential:
+                measure(workers)
         finally:
             for worker in workers:
                 worker.close()
@@ -250,7 +272,8 @@ def benchmark_heads(dataset: str, configuration: str, trainers: Sequence[str], p
         r["memory_ratio"] = r["peak_memory_bytes"] / max(base["peak_memory_bytes"], 1)
     report = {"dataset": name, "configuration": configuration, "plans": plans_name, "device": device,
               "torch_threads": torch.get_num_threads(), "num_classes_override": num_classes, "steps": steps,
-              "warmup": warmup, "schedule": "round-robin across trainers", "results": results}
+              "warmup": warmup, "schedule": "one trainer after another" if sequential else "round-robin across trainers",
+              "results": results}
     if output is not None:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(json.dumps(report, indent=2))

@@ -24,7 +24,7 @@ from nnunetv2_proto.environment import SetupError, require_nnunet_folders, resol
 from nnunetv2_proto.evaluation.evaluate import evaluate_folders
 from nnunetv2_proto.evaluation.metrics import METRICS
 
-MEAN = "mean"  # the per-case average over structures
+MEAN = "mean of structures"  # the per-case average over structures
 CACHE_NAME = "nnunetv2_proto_metrics.json"
 
 
@@ -168,6 +168,12 @@ def markdown_report(rows: Sequence[dict], structures: Sequence[str], baseline: s
     return "\n".join(lines) + "\n"
 
 
+def short_name(trainer: str) -> str:
+    """nnUNetTrainerSIPL_cpuBudget -> SIPL_cpuBudget; nnUNetTrainer_cpuBudget -> vanilla_cpuBudget."""
+    rest = trainer[len("nnUNetTrainer"):] if trainer.startswith("nnUNetTrainer") else trainer
+    return "vanilla" + rest if not rest or rest.startswith("_") else rest
+
+
 def plot_comparison(scores: Dict[str, TrainerScores], structures: Sequence[str], baseline: str, out: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -178,8 +184,8 @@ def plot_comparison(scores: Dict[str, TrainerScores], structures: Sequence[str],
         for col, structure in enumerate([*structures, MEAN]):
             ax = axes[row][col]
             ax.boxplot([list(scores[t].values[metric][structure].values()) for t in trainers], showmeans=True)
-            ax.set_xticks(range(1, len(trainers) + 1), [t.replace("nnUNetTrainer", "") or "vanilla" for t in trainers],
-                          rotation=35, ha="right", fontsize=7)
+            ax.set_xticks(range(1, len(trainers) + 1), [short_name(t) for t in trainers], rotation=35, ha="right",
+                          fontsize=7)
             ax.set_title(f"{metric}: {structure}", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "comparison_boxplots.png", dpi=110)
@@ -207,11 +213,20 @@ def plot_comparison(scores: Dict[str, TrainerScores], structures: Sequence[str],
 def compare(dataset: str, configuration: str, trainers: Sequence[str], plans: str = "nnUNetPlans",
             folds: Sequence[int] = (0, 1, 2, 3, 4), baseline: Optional[str] = None, output: Optional[Path] = None,
             test_gt: Optional[Path] = None, test_pred_root: Optional[Path] = None, allow_missing: bool = False,
-            num_processes: int = 2, progress=print) -> Path:
-    """Run the comparison; returns the output folder."""
+            num_processes: int = 2, dataset_json: Optional[Path] = None, progress=print) -> Path:
+    """Run the comparison; returns the output folder.
+
+    ``dataset_json`` names the structures (and regions / ignore label); by default the
+    preprocessed dataset's for cross-validation, the raw dataset's (if found) for a test set.
+    """
     if (test_gt is None) != (test_pred_root is None):
         raise SetupError("--test-gt and --test-pred-root go together", "pass both, or neither for cross-validation")
-    dataset_name = resolve_dataset_name(dataset) if test_gt is None else dataset
+    try:
+        dataset_name = resolve_dataset_name(dataset)
+    except SetupError:
+        if test_gt is None:
+            raise
+        dataset_name = dataset  # a test set needs no nnU-Net folders; the name only labels the report
     baseline = baseline or ("nnUNetTrainer" if "nnUNetTrainer" in trainers else trainers[0])
     if baseline not in trainers:
         trainers = [baseline, *trainers]
@@ -222,9 +237,10 @@ def compare(dataset: str, configuration: str, trainers: Sequence[str], plans: st
     present = {s.trainer for s in sources}
     if baseline not in present:
         raise SetupError(f"the baseline {baseline} has no results to compare against", "train it or pick --baseline")
-    dataset_json = None
-    if test_gt is None:
-        dataset_json = Path(os.environ["nnUNet_preprocessed"]) / dataset_name / "dataset.json"
+    if dataset_json is None:
+        base = os.environ.get("nnUNet_preprocessed" if test_gt is None else "nnUNet_raw")
+        candidate = Path(base) / dataset_name / "dataset.json" if base else None
+        dataset_json = candidate if candidate is not None and candidate.is_file() else None
     scores, structures = collect_scores(sources, dataset_json, num_processes, progress)
     rows = statistics(scores, structures, baseline)
     out = Path(output) if output else Path(f"comparison_{dataset_name}_{configuration}")

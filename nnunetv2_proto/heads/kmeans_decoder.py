@@ -26,10 +26,6 @@ from torch import nn
 from torch.nn import functional as F
 
 
-# argmax over a channel dimension: torch.max(dim).indices gives the same (first) index and is an
-# order of magnitude faster than argmax on CPU for non-last dimensions
-
-
 def fp32_region(device_type: str):
     """A region where autocast is off, whatever the device."""
     return torch.autocast(device_type=device_type, enabled=False)
@@ -37,6 +33,7 @@ def fp32_region(device_type: str):
 
 def hard_assignment(cluster_logits: torch.Tensor) -> torch.Tensor:
     """(B, N, V) logits -> (B, N, V) one-hot of the argmax over clusters (no gradient)."""
+    # max(dim).indices: argmax's result (first index on ties), much faster on CPU for a non-last dim
     index = cluster_logits.detach().max(1, keepdim=True).indices
     return torch.zeros_like(cluster_logits, dtype=torch.float32).scatter_(1, index, 1.0)
 
