@@ -135,7 +135,7 @@ def add_cpu_configurations(dataset: str, plans_name: str = "nnUNetPlans", num_pr
         if existing is not None and not replace:
             raise SetupError(
                 f"{plans_file} already has a '{name}' configuration that differs from what plan-cpu computes now",
-                f"keep it (nothing to do), or pass --replace to overwrite it (its preprocessed data is redone)",
+                "keep it (nothing to do), or pass --replace to overwrite it (its preprocessed data is redone)",
             )
         plans["configurations"][name] = configuration
         added.append(name)

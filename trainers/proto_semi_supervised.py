@@ -38,7 +38,7 @@ from nnunetv2_proto.label_layout import LabelLayout, full_resolution
 from nnunetv2_proto.losses import WeightedDiceCE
 from nnunetv2_proto.semi.copy_paste import MixedTarget, bidirectional_pairs, copy_paste, cuboid_masks, swapped_pairs
 from nnunetv2_proto.semi.image_only_dataset import ImageOnlyDataset
-from nnunetv2_proto.semi.labeled_subset import (LABELED_LIST_FILE, labeled_subset_from_file, seeded_labeled_subset,
+from nnunetv2_proto.semi.labeled_subset import (labeled_subset_from_file, seeded_labeled_subset,
                                                 split_labeled)
 from nnunetv2_proto.semi.mean_teacher import ema_update_, largest_component, make_teacher
 from nnunetv2_proto.trainers.proto_trainer_base import ExtensibleTrainerMixin

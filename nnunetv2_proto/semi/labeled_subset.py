@@ -33,7 +33,7 @@ def seeded_labeled_subset(training_cases: Sequence[str], count: int, seed: int) 
 def labeled_subset_from_file(path: Path, fold, training_cases: Sequence[str]) -> List[str]:
     if not Path(path).is_file():
         raise SetupError(f"the labelled-case list {path} does not exist",
-                         f"write it (nnunetv2-proto make-labeled-list ...) or use a _<N>labeled variant")
+                         "write it (nnunetv2-proto make-labeled-list ...) or use a _<N>labeled variant")
     content = json.loads(Path(path).read_text())
     listed = content.get(str(fold)) if isinstance(content, dict) else content
     if not listed:
