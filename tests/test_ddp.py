@@ -108,10 +108,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         loss.backward()
         labels = targets[0][mine, 0].long()
         if prototype_phase:
-            core.classifier.ema_update(aux.embedding, labels, torch.ones_like(labels, dtype=torch.bool),
+            core.classifier.ema_update(aux.features, labels, torch.ones_like(labels, dtype=torch.bool),
                                        aux.similarities)
         else:
-            core.classifier.initialize_classes([aux.embedding.detach().movedim(1, -1)[labels == k] for k in range(3)])
+            core.classifier.initialize_classes([aux.features.detach().movedim(1, -1)[labels == k] for k in range(3)])
 
     two_steps(mper, lambda: mper_step(False))
     two_steps(mper, lambda: mper_step(True))

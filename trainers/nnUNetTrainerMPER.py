@@ -82,15 +82,15 @@ class nnUNetTrainerMPER(PrototypeTrainerBase):
         classifier = self.core_network.classifier
         if not self.in_prototype_phase:
             if self.current_epoch == self.warmup_epochs - 1:
-                self.embedding_sampler.add(aux.embedding, labels, valid)
+                self.embedding_sampler.add(aux.features, labels, valid)
             return
         if not bool(classifier.initialized.all()):
             self._initialize_missing_classes(aux, labels, valid)
-        classifier.ema_update(aux.embedding, labels, valid, aux.similarities, update_mask)
+        classifier.ema_update(aux.features, labels, valid, aux.similarities, update_mask)
 
     def _initialize_missing_classes(self, aux, labels, valid) -> None:
         # the warm-up sample first; classes it lacks (or all, after a resume) come from this batch
-        self.embedding_sampler.add(aux.embedding, labels, valid)
+        self.embedding_sampler.add(aux.features, labels, valid)
         classifier = self.core_network.classifier
         new = classifier.initialize_classes(self.embedding_sampler.samples(), seed=12345)
         if new:

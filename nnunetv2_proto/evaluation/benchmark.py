@@ -91,7 +91,7 @@ def _enter_costliest_phase(trainer) -> None:
         classifier.initialize_classes([torch.randn(64, dim) for _ in range(classifier.num_classes)])
 
 
-class _Subject:
+class MeasuredTrainer:
     """One trainer set up for measurement inside its own process."""
 
     def __init__(self, trainer_name: str, plans_file: str, dataset_json_file: str, configuration: str,
@@ -166,7 +166,7 @@ class _Subject:
 def _serve(connection, *args) -> None:
     """Worker process: set one trainer up, then answer 'train' / 'infer' / 'summary' until 'stop'."""
     try:
-        subject = _Subject(*args)
+        subject = MeasuredTrainer(*args)
         connection.send(("ready", None))
         while True:
             command = connection.recv()

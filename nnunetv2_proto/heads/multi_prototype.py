@@ -70,9 +70,17 @@ class MultiPrototypeClassifier(nn.Module):
     def prototypes_per_class(self) -> int:
         return self.prototypes.shape[1]
 
-    def similarities(self, embedding: torch.Tensor) -> torch.Tensor:
-        """embedding (B, C, *s), unit norm over C -> cosine similarities (B, K, M, *s)."""
-        return torch.einsum("bc...,kmc->bkm...", embedding, self.prototypes.to(embedding.dtype))
+    def similarities(self, features: torch.Tensor) -> torch.Tensor:
+        """features (B, C, *s), any norm -> cosine similarities (B, K, M, *s), in fp32.
+
+        cos = <f, p> / |f|: dividing the K*M dot products instead of normalising the features
+        means no normalised C-channel copy of the full-resolution embedding exists during the
+        training step (the EMA update normalises after backward); the norm is accumulated in fp32
+        under autocast.
+        """
+        dots = torch.einsum("bc...,kmc->bkm...", features, self.prototypes.to(features.dtype))
+        norms = torch.linalg.vector_norm(features, dim=1, keepdim=True, dtype=torch.float32)
+        return dots / norms.clamp_min(1e-12).unsqueeze(2)  # fp32 by type promotion
 
     def logits(self, similarities: torch.Tensor) -> torch.Tensor:
         """(B, K, M, *s) -> class logits (B, K, *s) = max over prototypes / T.
@@ -85,16 +93,18 @@ class MultiPrototypeClassifier(nn.Module):
         return logits.masked_fill(unseen, -1.0 / self.temperature)
 
     @torch.no_grad()
-    def ema_update(self, embedding: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
+    def ema_update(self, features: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
                    similarities: torch.Tensor, extra_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """One EMA step; returns the (K, M) voxel counts that moved each prototype (summed over ranks).
+
+        ``features`` (B, C, *s) are normalised here, after backward has freed the activations.
 
         Works in nnU-Net's channel-first layout: per voxel the nearest prototype of its own class
         and the classifier's prediction, then one scatter-add of the embeddings into (class,
         prototype) slots -- no copy of the (B, K, M, *s) similarities.
         """
         k, m, c = self.prototypes.shape
-        batch = embedding.shape[0]
+        batch = features.shape[0]
         sims = similarities.detach()
         own = sims.gather(1, labels.unsqueeze(1).unsqueeze(1).expand(-1, 1, m, *labels.shape[1:])).squeeze(1)
         nearest = own.max(1).indices
@@ -104,7 +114,7 @@ class MultiPrototypeClassifier(nn.Module):
             selected &= extra_mask
         # unselected voxels go to a spare slot that is dropped afterwards
         slot = torch.where(selected, labels * m + nearest, torch.full_like(labels, k * m)).reshape(batch, 1, -1)
-        e = embedding.detach().float().reshape(batch, c, -1)
+        e = F.normalize(features.detach().float(), dim=1).reshape(batch, c, -1)
         # (contiguous: all_reduce needs contiguous memory)
         sums = e.new_zeros(batch, c, k * m + 1).scatter_add_(2, slot.expand(-1, c, -1), e).sum(0)[:, :-1].T.contiguous()
         counts = torch.bincount(slot.flatten(), minlength=k * m + 1)[:-1].float()
@@ -158,7 +168,7 @@ class ClassEmbeddingSampler:
         self.embeddings: Optional[torch.Tensor] = None
 
     def add(self, embedding: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> None:
-        e = channels_last_flat(embedding.detach().float()).cpu()
+        e = channels_last_flat(embedding.detach().float()).cpu()  # normalised by initialize_classes
         cls = labels.reshape(-1).cpu()
         keep = valid.reshape(-1).cpu()
         e, cls = e[keep], cls[keep]

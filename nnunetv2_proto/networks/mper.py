@@ -7,7 +7,6 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from nnunetv2_proto.environment import SetupError
 from nnunetv2_proto.heads.multi_prototype import MultiPrototypeClassifier
@@ -34,7 +33,7 @@ class MPERConfig:
 
 
 class MPERAux(NamedTuple):
-    embedding: torch.Tensor          # (B, C, *s), unit norm over C
+    features: torch.Tensor           # (B, C, *s) full-resolution decoder features (the embedding, unnormalised)
     similarities: torch.Tensor       # (B, K_excl, M, *s)
     prototype_logits: torch.Tensor   # (B, K_excl, *s) exclusive-class logits
     linear_logits: torch.Tensor      # (B, K, *s) the full-resolution linear output
@@ -60,10 +59,9 @@ class MPERNetwork(DecoderHeadNetwork):
         linear = self.decoder.seg_layers[-1](features)
         if not return_aux and (self.training or self.inference == "linear"):
             return linear, None
-        embedding = F.normalize(features, dim=1)
-        similarities = self.classifier.similarities(embedding)
+        similarities = self.classifier.similarities(features)
         prototype_logits = self.classifier.logits(similarities)
-        aux = MPERAux(embedding, similarities, prototype_logits, linear) if return_aux else None
+        aux = MPERAux(features, similarities, prototype_logits, linear) if return_aux else None
         if self.training or self.inference == "linear":
             return linear, aux
         prototype_output = self.prototype_output_logits(prototype_logits).to(linear.dtype)
