@@ -58,6 +58,20 @@ def test_no_project_trainer_is_shadowed_by_a_builtin_one():
         assert recursive_find_python_class(folder, name, "nnunetv2.training.nnUNetTrainer") is None, name
 
 
+def test_budget_variants_share_one_budget_per_suffix():
+    """Every ``_cpuBudget`` trainer trains 200 steps, every ``_cpuBudgetLong`` one 1000, each with a short twin."""
+    from nnunetv2_proto.doctor import project_trainers
+    trainers = project_trainers()
+    steps = {name: cls.budget_epochs * cls.budget_iterations_per_epoch for name, cls in trainers.items()
+             if name.endswith(("_cpuBudget", "_cpuBudgetLong"))}
+    short_ones = [n for n in steps if n.endswith("_cpuBudget")]
+    assert short_ones and all(steps[n] == 200 for n in short_ones)
+    long_ones = [n for n in steps if n.endswith("_cpuBudgetLong")]
+    assert {"nnUNetTrainer_cpuBudgetLong", "nnUNetTrainerSIPL_cpuBudgetLong", "nnUNetTrainerMPER_cpuBudgetLong"} <= set(long_ones)
+    for name in long_ones:
+        assert steps[name] == 1000 and name[: -len("Long")] in steps, name
+
+
 def test_plan_cpu_errors_name_the_problem_and_the_fix(nnunet_env, capsys):
     assert main(["plan-cpu", "-d", "777"]) == 2
     assert "no dataset with id 777" in capsys.readouterr().err

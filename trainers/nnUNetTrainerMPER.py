@@ -22,7 +22,7 @@ from nnunetv2_proto.heads.multi_prototype import ClassEmbeddingSampler
 from nnunetv2_proto.label_layout import full_resolution
 from nnunetv2_proto.losses import FullResolutionTarget, MPERObjective, sigmoid_rampup
 from nnunetv2_proto.networks.mper import MPERConfig
-from nnunetv2_proto.trainers.proto_cpu_budget import CpuBudgetMixin
+from nnunetv2_proto.trainers.proto_cpu_budget import CpuBudgetLongMixin, CpuBudgetMixin
 from nnunetv2_proto.trainers.proto_trainer_base import PrototypeTrainerBase
 
 
@@ -146,4 +146,8 @@ class nnUNetTrainerMPER_cpuBudget(CpuBudgetMixin, nnUNetTrainerMPER):
 
 
 class nnUNetTrainerMPER_M1_cpuBudget(CpuBudgetMixin, nnUNetTrainerMPER_M1):
+    pass
+
+
+class nnUNetTrainerMPER_cpuBudgetLong(CpuBudgetLongMixin, nnUNetTrainerMPER):
     pass

@@ -11,7 +11,7 @@ from __future__ import annotations
 from nnunetv2_proto.heads.mask_generator import sipl_tau
 from nnunetv2_proto.losses import SIPLObjective
 from nnunetv2_proto.networks.sipl import SIPLConfig
-from nnunetv2_proto.trainers.proto_cpu_budget import CpuBudgetMixin
+from nnunetv2_proto.trainers.proto_cpu_budget import CpuBudgetLongMixin, CpuBudgetMixin
 from nnunetv2_proto.trainers.proto_trainer_base import PrototypeTrainerBase
 
 
@@ -82,4 +82,8 @@ class nnUNetTrainerSIPL_noIPL_cpuBudget(CpuBudgetMixin, nnUNetTrainerSIPL_noIPL)
 
 
 class nnUNetTrainerSIPL_dynamicHead_cpuBudget(CpuBudgetMixin, nnUNetTrainerSIPL_dynamicHead):
+    pass
+
+
+class nnUNetTrainerSIPL_cpuBudgetLong(CpuBudgetLongMixin, nnUNetTrainerSIPL):
     pass

@@ -1,7 +1,11 @@
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunetv2_proto.trainers.proto_cpu_budget import CpuBudgetMixin
+from nnunetv2_proto.trainers.proto_cpu_budget import CpuBudgetLongMixin, CpuBudgetMixin
 
 
 class nnUNetTrainer_cpuBudget(CpuBudgetMixin, nnUNetTrainer):
     """Vanilla nnU-Net with the shared CPU budget: the baseline of every CPU-scale comparison."""
+
+
+class nnUNetTrainer_cpuBudgetLong(CpuBudgetLongMixin, nnUNetTrainer):
+    """Vanilla nnU-Net with the long CPU budget (five times the steps of ``_cpuBudget``)."""

@@ -7,7 +7,7 @@ reference and reference -> prediction); ASD is the mean distance from the predic
 surface to the reference's surface. Distances come from scipy's Euclidean distance
 transform with the voxel spacing, computed only inside the bounding box of both masks
 (the nearest reference surface point of any prediction surface point lies inside it),
-which keeps a 512x512x200 CT case to a fraction of a second per structure.
+which keeps a 512x512x200 CT case to seconds per structure (benchmarks/evaluation_speed.py).
 
 Empty masks (documented convention, never NaN):
 - both empty: Dice = IoU = 1, HD95 = ASD = 0 (perfect agreement about absence);
