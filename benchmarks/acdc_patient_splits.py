@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 from pathlib import Path
 
 from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+from nnunetv2_proto.environment import SetupError, require_nnunet_folders, resolve_dataset_name
 
 PATIENT = re.compile(r"patient\d+")
 
@@ -30,19 +31,26 @@ def patient_of(case: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="Dataset502_ACDC", help="dataset folder name")
+    parser.add_argument("--dataset", default="Dataset502_ACDC", help="dataset id or folder name")
     args = parser.parse_args()
-    for variable in ("nnUNet_raw", "nnUNet_preprocessed"):
-        if variable not in os.environ:
-            raise SystemExit(f"{variable} is not set; export it as for nnUNetv2_train")
-    images = Path(os.environ["nnUNet_raw"]) / args.dataset / "imagesTr"
-    cases = sorted(p.name[: -len("_0000.nii.gz")] for p in images.glob("*_0000.nii.gz"))
+    try:
+        folders = require_nnunet_folders(("nnUNet_raw", "nnUNet_preprocessed"))
+        dataset = resolve_dataset_name(args.dataset)
+    except SetupError as error:
+        raise SystemExit(str(error))
+    raw = folders["nnUNet_raw"] / dataset
+    image_suffix = "_0000" + json.loads((raw / "dataset.json").read_text())["file_ending"]
+    cases = sorted(p.name[: -len(image_suffix)] for p in (raw / "imagesTr").glob(f"*{image_suffix}"))
     if not cases:
-        raise SystemExit(f"no *_0000.nii.gz images in {images}")
-    folds = generate_crossval_split(sorted({patient_of(c) for c in cases}), seed=12345, n_splits=5)
-    splits = [{part: [c for c in cases if patient_of(c) in set(fold[part])] for part in ("train", "val")}
-              for fold in folds]
-    target = Path(os.environ["nnUNet_preprocessed"]) / args.dataset / "splits_final.json"
+        raise SystemExit(f"no *{image_suffix} images in {raw / 'imagesTr'}")
+    patient = {case: patient_of(case) for case in cases}
+    folds = generate_crossval_split(sorted(set(patient.values())), seed=12345, n_splits=5)
+    splits = []
+    for fold in folds:
+        val_patients = set(fold["val"])
+        splits.append({"train": [c for c in cases if patient[c] not in val_patients],
+                       "val": [c for c in cases if patient[c] in val_patients]})
+    target = folders["nnUNet_preprocessed"] / dataset / "splits_final.json"
     target.write_text(json.dumps(splits, indent=4))
     print(f"wrote {target}: (train, val) images per fold {[(len(s['train']), len(s['val'])) for s in splits]}")
 
