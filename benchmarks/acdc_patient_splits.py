@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from pathlib import Path
 
 from nnunetv2.utilities.crossval_split import generate_crossval_split
 

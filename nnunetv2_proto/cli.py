@@ -47,12 +47,31 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluation_policy(args: argparse.Namespace):
+    from nnunetv2_proto.evaluation.evaluate import EvaluationPolicy
+    return EvaluationPolicy(allow_missing=args.chill, allow_extra=args.allow_extra,
+                            geometry_tolerance=None if args.no_geometry_check else args.geometry_tolerance)
+
+
+def _add_evaluation_policy_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--chill", action="store_true",
+                   help="score the predicted cases when some references have no prediction (as nnU-Net's --chill)")
+    p.add_argument("--allow-extra", action="store_true", help="skip predictions that have no reference")
+    p.add_argument("--geometry-tolerance", type=float, default=1e-3,
+                   help="largest accepted difference to the reference's spacing (relative), origin (mm) and "
+                        "direction (default 1e-3)")
+    p.add_argument("--no-geometry-check", action="store_true", help="do not compare spacing, origin, direction")
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from nnunetv2_proto.evaluation.evaluate import evaluate_folders
     result = evaluate_folders(Path(args.gt), Path(args.pred), Path(args.dataset_json) if args.dataset_json else None,
-                              Path(args.out), args.np)
+                              Path(args.out), args.np, policy=_evaluation_policy(args))
     for name, values in result["mean"].items():
         print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in values.items()))
+    for key in ("missing_predictions", "skipped_extra_predictions"):
+        if result[key]:
+            print(f"not scored ({key.replace('_', ' ')}): {len(result[key])}: {result[key][:5]}")
     print(f"{len(result['metric_per_case'])} cases -> {args.out}")
     return 0
 
@@ -62,9 +81,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     out = compare(args.d, args.c, args.tr, args.p, args.f, args.baseline, Path(args.out) if args.out else None,
                   Path(args.test_gt) if args.test_gt else None,
                   Path(args.test_pred_root) if args.test_pred_root else None, args.allow_missing, args.np,
-                  Path(args.dataset_json) if args.dataset_json else None)
+                  Path(args.dataset_json) if args.dataset_json else None, seeds=args.seeds)
     print((out / "comparison.md").read_text())
-    print(f"written: {out}/comparison.md, .csv, .json, comparison_boxplots.png, comparison_scatter.png")
+    print(f"written: {out}/comparison.md, comparison.csv, comparison_runs.csv, comparison.json, "
+          "comparison_boxplots.png, comparison_scatter.png, comparison_runs.png")
     return 0
 
 
@@ -136,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset-json", default=None, help="dataset.json: structure names, regions, ignore label")
     p.add_argument("--out", required=True, help="output .json")
     p.add_argument("-np", type=int, default=2, help="processes")
+    _add_evaluation_policy_arguments(p)
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("compare", help="trainers vs a baseline: tables, paired tests, plots")
@@ -144,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-tr", nargs="+", required=True, help="trainers to compare")
     p.add_argument("-p", default="nnUNetPlans", help="plans identifier")
     p.add_argument("-f", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="folds (default 0 1 2 3 4)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[],
+                   help="compare the seeded runs <trainer>_seed<N> of every trainer (each fold x seed is one run)")
     p.add_argument("--baseline", default=None, help="default: nnUNetTrainer if listed, else the first trainer")
     p.add_argument("--test-gt", default=None, help="external test set: reference folder")
     p.add_argument("--test-pred-root", default=None, help="external test set: folder with one subfolder per trainer")
@@ -177,7 +200,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return args.func(args)
     except SetupError as error:
-        print(f"nnunetv2-proto {args.command}: error: {error.problem}\n  fix: {error.fix}", file=sys.stderr)
+        problem = " ".join(error.problem.split())  # one line, whatever the message's layout
+        print(f"nnunetv2-proto {args.command}: error: {problem} -- fix: {error.fix}", file=sys.stderr)
         return 2
 
 

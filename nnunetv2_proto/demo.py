@@ -28,6 +28,7 @@ from nnunetv2_proto.environment import SetupError, trainer_directory
 DEMO_DATASET_ID = 990
 DEMO_DATASET_NAME = "ProtoDemo"
 DEMO_CONFIGURATION = "3d_cpu"
+WORKDIR_MARKER = ".nnunetv2_proto_demo"  # a folder holding it is the demo's own and may be resumed or rewritten
 # vanilla nnU-Net and one trainer per family, all with the shared CPU budget; the semi-supervised
 # one sees the labels of 8 of fold 0's 16 training cases
 DEFAULT_TRAINERS = ("nnUNetTrainer_cpuBudget", "nnUNetTrainerSIPL_cpuBudget", "nnUNetTrainerMPER_cpuBudget",
@@ -63,6 +64,10 @@ class DemoPaths:
     @property
     def validation_images(self) -> Path:
         return self.workdir / "fold0_validation_images"
+
+    @property
+    def validation_labels(self) -> Path:
+        return self.workdir / "fold0_validation_labels"
 
     def predictions(self, trainer: str) -> Path:
         return self.workdir / "predictions" / trainer
@@ -140,6 +145,28 @@ def _nnunet_command(name: str) -> str:
     return found
 
 
+def claim_workdir(workdir: Path) -> None:
+    """Make ``workdir`` the demo's, or refuse before anything is written: it must be new, empty or the demo's own."""
+    fix = "pass --workdir with a new or empty folder (or one an earlier demo run created)"
+    if workdir.exists() and not workdir.is_dir():
+        raise SetupError(f"the demo work folder {workdir} is a file", fix)
+    if workdir.is_dir() and not (workdir / WORKDIR_MARKER).is_file():
+        try:
+            entries = sorted(p.name for p in workdir.iterdir())
+        except PermissionError:
+            raise SetupError(f"the demo work folder {workdir} cannot be read", fix) from None
+        if entries:
+            raise SetupError(f"{workdir} is not empty ({', '.join(entries[:5])}{' ...' if len(entries) > 5 else ''}) "
+                             f"and is not a demo work folder (no {WORKDIR_MARKER}); the demo writes results.md, "
+                             "results.csv, results.png and more there, so it changed nothing", fix)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / WORKDIR_MARKER).write_text("nnunetv2-proto demo work folder: the demo may overwrite anything here\n")
+    except OSError as error:
+        raise SetupError(f"cannot write to the demo work folder {workdir} ({error.strerror})",
+                         "pass --workdir with a writable folder") from None
+
+
 def fold0_validation_cases(paths: DemoPaths, dataset: str) -> List[str]:
     splits = json.loads((paths.preprocessed / dataset / "splits_final.json").read_text())
     return sorted(splits[0]["val"])
@@ -151,6 +178,7 @@ def run_demo(workdir: Path = Path("nnunet_proto_demo"), trainers: Sequence[str] 
     from nnunetv2_proto.demo_report import collect_results, write_report
 
     paths = DemoPaths(workdir.resolve())
+    claim_workdir(paths.workdir)
     env = paths.environment()
     dataset = dataset_folder_name(DEMO_DATASET_ID, DEMO_DATASET_NAME)
     for folder in (paths.raw, paths.preprocessed, paths.results):
@@ -191,11 +219,12 @@ def run_demo(workdir: Path = Path("nnunet_proto_demo"), trainers: Sequence[str] 
     cases = fold0_validation_cases(paths, dataset) if splits_file.is_file() else []
     report(f"[5/6] nnUNetv2_predict on fold 0's {len(cases)} validation cases")
     paths.validation_images.mkdir(exist_ok=True)
-    for case in cases:
-        source = paths.raw / dataset / "imagesTr" / f"{case}_0000.nii.gz"
-        target = paths.validation_images / source.name
-        if not target.exists():
-            shutil.copy2(source, target)
+    paths.validation_labels.mkdir(exist_ok=True)
+    for case in cases:  # the references of exactly the predicted cases, so evaluation can insist on all of them
+        for source, target in ((paths.raw / dataset / "imagesTr" / f"{case}_0000.nii.gz", paths.validation_images),
+                               (paths.raw / dataset / "labelsTr" / f"{case}.nii.gz", paths.validation_labels)):
+            if not (target / source.name).exists():
+                shutil.copy2(source, target / source.name)
     prediction_seconds: Dict[str, float] = {}
     for trainer in trainers:
         out = paths.predictions(trainer)

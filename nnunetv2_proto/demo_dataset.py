@@ -11,6 +11,7 @@ per case from a seeded generator, so a given ``--seed`` always writes the same f
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
@@ -168,6 +169,12 @@ def write_demo_dataset(raw_root: Path, dataset_id: int = 990, name: str = "Proto
     If the target folder exists and holds the same demo (same spec), nothing is written.
     Any other content, or another dataset that already uses ``dataset_id``, is an error.
     """
+    if not 1 <= dataset_id <= 999:
+        raise SetupError(f"dataset id {dataset_id} is outside nnU-Net's range 1-999 (DatasetXXX_Name)",
+                         "pass --dataset-id between 1 and 999 that no other dataset uses")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise SetupError(f"dataset name '{name}' is not a plain folder name", "use letters, digits, _ . - only "
+                         "(no / or spaces), e.g. --name ProtoDemo")
     folder = raw_root / dataset_folder_name(dataset_id, name)
     manifest = {"generator": "nnunetv2_proto.demo_dataset", **asdict(spec)}
     manifest = json.loads(json.dumps(manifest))  # tuples -> lists, as stored on disk

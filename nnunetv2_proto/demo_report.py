@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ def collect_results(paths, dataset: str, trainers: Sequence[str], prediction_sec
     """Scores every trainer's nnUNetv2_predict output with ``nnunetv2-proto compare`` (test-set mode)."""
     from nnunetv2_proto.evaluation.compare import MEAN, compare
     out = compare(dataset, configuration, list(trainers), baseline=trainers[0],
-                  output=paths.workdir / "comparison", test_gt=paths.raw / dataset / "labelsTr",
+                  output=paths.workdir / "comparison", test_gt=paths.validation_labels,
                   test_pred_root=paths.workdir / "predictions", dataset_json=paths.raw / dataset / "dataset.json",
                   num_processes=2, progress=lambda _: None)
     report = json.loads((out / "comparison.json").read_text())
@@ -49,7 +50,7 @@ def markdown_table(results: Sequence[TrainerResult]) -> str:
     classes = list(results[0].dice_per_class)
     base = results[0]
     header = ["trainer", *[f"Dice {c}" for c in classes], "mean Dice", "mean HD95 (mm)", "s / train iteration",
-              "x vanilla", "s / predicted case"]
+              "wall-time ratio to vanilla", "s / predicted case"]
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
         ratio = (f"{r.seconds_per_iteration / base.seconds_per_iteration:.2f}"
@@ -87,14 +88,17 @@ def write_report(paths, dataset: str, results: Sequence[TrainerResult], cases: S
         f"{markdown_table(results)}\n\n"
         "Dice and HD95: `nnunetv2-proto compare` on the nnUNetv2_predict outputs (per-case details, paired tests "
         "and plots in comparison/). s / train iteration: median training-phase time per iteration "
-        "(training_timing.json). s / predicted case: nnUNetv2_predict wall time divided by cases, model loading "
-        "included.\n")
+        "(training_timing.json). The trainers ran one after another, so their wall-time ratio mixes machine drift "
+        "with method cost; `nnunetv2-proto benchmark-heads` measures the cost in one interleaved run. "
+        "s / predicted case: nnUNetv2_predict wall time divided by cases, model loading included. One run "
+        "per trainer on 4 cases: this shows the pipeline, not which method is better.\n")
     classes = list(results[0].dice_per_class)
-    with open(paths.workdir / "results.csv", "w") as f:
-        f.write(",".join(["trainer", *classes, "mean_dice", "mean_hd95_mm", "s_per_iteration", "s_per_case"]) + "\n")
+    with open(paths.workdir / "results.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["trainer", *classes, "mean_dice", "mean_hd95_mm", "s_per_iteration", "s_per_case"])
         for r in results:
-            f.write(",".join([r.trainer, *[f"{r.dice_per_class[c]:.4f}" for c in classes], f"{r.mean_dice:.4f}",
-                              f"{r.mean_hd95:.3f}", str(r.seconds_per_iteration), str(r.seconds_per_case)]) + "\n")
+            writer.writerow([r.trainer, *[f"{r.dice_per_class[c]:.4f}" for c in classes], f"{r.mean_dice:.4f}",
+                             f"{r.mean_hd95:.3f}", r.seconds_per_iteration, r.seconds_per_case])
 
     # the validation case and axial slice with the most foreground
     gt_arrays = {c: sitk.GetArrayFromImage(sitk.ReadImage(str(paths.raw / dataset / "labelsTr" / f"{c}.nii.gz")))
@@ -115,9 +119,13 @@ def write_report(paths, dataset: str, results: Sequence[TrainerResult], cases: S
     bars = fig.add_subplot(grid[1, :])
     width = 0.8 / len(results)
     x = np.arange(len(classes) + 1)
+    # trainers in shades of grey with hatching: the colours above belong to the classes
+    shades = plt.get_cmap("Greys")(np.linspace(0.35, 0.85, len(results)))
+    hatches = ["", "//", "..", "xx", "\\\\", "++", "oo", "--"]
     for i, r in enumerate(results):
         values = [r.dice_per_class[c] for c in classes] + [r.mean_dice]
-        bars.bar(x + i * width - 0.4 + width / 2, values, width, label=r.trainer)
+        bars.bar(x + i * width - 0.4 + width / 2, values, width, label=r.trainer, color=shades[i],
+                 hatch=hatches[i % len(hatches)], edgecolor="black", linewidth=0.5)
     bars.set_xticks(x, [*classes, "mean"])
     bars.set_ylabel("Dice (fold 0 validation)")
     bars.set_ylim(0, 1)

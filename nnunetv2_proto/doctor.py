@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.metadata
 import inspect
-import io
 import os
 import pkgutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from nnunetv2_proto.environment import (NNUNET_FOLDER_VARIABLES, TRAINER_PATH_VARIABLE, trainer_directory,
-                                        trainer_path_is_exported)
+from nnunetv2_proto.environment import (NNUNET_FOLDER_VARIABLES, TRAINER_PATH_VARIABLE, find_trainer_class,
+                                        trainer_directory, trainer_path_is_exported)
 
 
 @dataclass(frozen=True)
@@ -37,19 +35,15 @@ def project_trainers() -> Dict[str, type]:
     return found
 
 
-def resolve_with_nnunet(trainer_name: str) -> type:
-    """Resolve a trainer exactly as nnUNetv2_train / nnUNetv2_predict do (their console output hidden)."""
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-    with contextlib.redirect_stdout(io.StringIO()):
-        return recursive_find_trainer_class_by_name(trainer_name)
-
-
 def _check_folders() -> List[Check]:
     checks = []
     for name in NNUNET_FOLDER_VARIABLES:
         value = os.environ.get(name)
         if not value:
             checks.append(Check(name, False, "not set", f"export {name}=/path/to/{name}"))
+        elif Path(value).exists() and not Path(value).is_dir():
+            checks.append(Check(name, False, f"{value} is a file, not a folder",
+                                f"export {name}=<a folder> (the current value names a file; do not delete it blindly)"))
         elif not Path(value).is_dir():
             checks.append(Check(name, False, f"{value} does not exist", f"mkdir -p {value}"))
         else:
@@ -92,7 +86,7 @@ def _check_trainers(export_ok: bool) -> List[Check]:
     failures = []
     for name in sorted(trainers):
         try:
-            found = resolve_with_nnunet(name)
+            found = find_trainer_class(name)
         except Exception as error:  # nnU-Net raises RuntimeError, imports may raise anything
             failures.append(f"{name}: {type(error).__name__}: {str(error).splitlines()[0][:160]}")
             continue

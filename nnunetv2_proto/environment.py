@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import os
 import re
 from pathlib import Path
@@ -20,6 +22,11 @@ class SetupError(RuntimeError):
         self.problem = problem
         self.fix = fix
 
+    def __reduce__(self):
+        # rebuilt from both arguments: an error raised in a multiprocessing worker reaches the parent intact
+        # (the default pickling passes only the message, the pool's result thread dies and the parent hangs)
+        return type(self), (self.problem, self.fix)
+
 
 def trainer_directory() -> Path:
     """The folder that holds this plugin's trainer modules (the value for nnUNet_extTrainer).
@@ -35,6 +42,14 @@ def trainer_directory() -> Path:
             "reinstall the plugin: pip install -e . (from the repository) or pip install nnunetv2-proto",
         )
     return Path(list(spec.submodule_search_locations)[0]).resolve()
+
+
+def find_trainer_class(trainer_name: str) -> type:
+    """Resolve a trainer exactly as nnUNetv2_train / nnUNetv2_predict do (nnU-Net's package, then
+    nnUNet_extTrainer), without their search printout; nnU-Net's RuntimeError if there is none."""
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    with contextlib.redirect_stdout(io.StringIO()):
+        return recursive_find_trainer_class_by_name(trainer_name)
 
 
 def trainer_path_is_exported(directory: Optional[Path] = None) -> bool:

@@ -8,7 +8,8 @@ from scipy import stats
 
 from nnunetv2_proto.cli import main
 from nnunetv2_proto.environment import SetupError
-from nnunetv2_proto.evaluation.compare import compare, paired_tests
+from nnunetv2_proto.evaluation.compare import compare
+from nnunetv2_proto.evaluation.paired_stats import paired_tests
 from nnunetv2_proto.evaluation.evaluate import evaluate_folders
 from nnunetv2_proto.evaluation.metrics import image_diagonal_mm, structure_metrics
 
@@ -168,3 +169,57 @@ def test_compare_names_missing_trainers_and_folds(tmp_path, monkeypatch):
 def test_paired_tests_handle_identical_and_tiny_samples():
     assert paired_tests(np.ones(5), np.ones(5)) == (1.0, 1.0)
     assert all(np.isnan(p) for p in paired_tests(np.ones(1), np.zeros(1)))
+
+
+def left_removed_run(root: Path, dataset: str, folder_trainer: str, removed: int, cases: int = 4) -> None:
+    """A fold-0 run whose every case misses ``removed`` of the 100 voxels of 'left' (references as above)."""
+    folder = root / "nnUNet_results" / dataset / f"{folder_trainer}__nnUNetPlans__3d_fullres" / "fold_0" / "validation"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(cases):
+        seg = np.zeros((8, 10, 10), np.uint8)
+        seg[1:5, 1:6, 1:6] = 1
+        seg[5:7, 6:9, 6:9] = 2
+        seg[1:5, 1:6, 1:6].flat[:removed] = 0
+        write(seg, folder / f"c{i}.nii.gz", (2.0, 1.0, 1.0))
+    (folder / "summary.json").write_text("{}")
+
+
+def test_compare_treats_seeded_runs_as_the_unit_of_evidence(tmp_path, monkeypatch):
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "nnUNet_preprocessed"))
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "nnUNet_results"))
+    tree = make_results_tree(tmp_path, {"removed": [0, 0, 0, 0]})
+    removed = {"nnUNetTrainer": [0, 10, 20], "worseTrainer": [30, 40, 50], "noisyTrainer": [20, 0, 10]}
+    for trainer, per_seed in removed.items():
+        for seed, r in zip((1, 2, 3), per_seed):
+            left_removed_run(tmp_path, tree["dataset"], f"{trainer}_seed{seed}", r)
+
+    def run_mean(r):  # per-case mean over structures: 'right' is perfect
+        return (2 * (100 - r) / (200 - r) + 1) / 2
+    out = compare(tree["dataset"], "3d_fullres", list(removed), folds=[0], seeds=[1, 2, 3], output=tmp_path / "cmp",
+                  num_processes=1, progress=lambda _: None)
+    report = json.loads((out / "comparison.json").read_text())
+    assert report["runs"] == ["fold 0 seed 1", "fold 0 seed 2", "fold 0 seed 3"]
+    rows = {r["trainer"]: r for r in report["run_statistics"] if r["structure"] == "mean of structures"}
+    base = np.array([run_mean(r) for r in removed["nnUNetTrainer"]])
+    worse = np.array([run_mean(r) for r in removed["worseTrainer"]])
+    assert rows["nnUNetTrainer"]["between_run_sd"] == pytest.approx(base.std(ddof=1))
+    assert rows["worseTrainer"]["diff_vs_baseline"] == pytest.approx((worse - base).mean())
+    assert rows["worseTrainer"]["p_ttest_runs"] == pytest.approx(stats.ttest_rel(worse, base).pvalue)
+    assert rows["worseTrainer"]["runs_better"] == 0 and rows["worseTrainer"]["verdict"] == "worse"
+    assert rows["noisyTrainer"]["verdict"] == "within run-to-run spread"
+    assert rows["noisyTrainer"]["ci95_low"] < 0 < rows["noisyTrainer"]["ci95_high"]
+    markdown = (out / "comparison.md").read_text()
+    assert "within run-to-run spread" in markdown and "Runs per trainer: 3" in markdown
+    assert (out / "comparison_runs.png").is_file() and (out / "comparison_runs.csv").is_file()
+    # one seed per trainer: said plainly, no verdict
+    out = compare(tree["dataset"], "3d_fullres", list(removed), folds=[0], seeds=[2], output=tmp_path / "one",
+                  num_processes=1, progress=lambda _: None)
+    assert "cannot be told from run-to-run noise" in (out / "comparison.md").read_text()
+
+
+def test_seeded_trainer_names():
+    from nnunetv2_proto.training.seeding import split_seeded_name, worker_seeds
+    assert split_seeded_name("nnUNetTrainerSIPL_cpuBudget_seed12") == ("nnUNetTrainerSIPL_cpuBudget", 12)
+    assert split_seeded_name("nnUNetTrainerSIPL_cpuBudget") is None
+    assert worker_seeds(1, 0, 2) == worker_seeds(1, 0, 2) and worker_seeds(1, 0, 2) != worker_seeds(2, 0, 2)
+    assert len(set(worker_seeds(1, 0, 3) + worker_seeds(1, 1, 3))) == 6

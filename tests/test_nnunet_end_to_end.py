@@ -166,6 +166,29 @@ def test_resume_with_c_restores_the_head_state(workspace, trainer, stop_after, t
     assert (output_folder(env, trainer, 1) / "checkpoint_final.pth").is_file()
 
 
+def test_seeded_runs_repeat_bit_for_bit_and_two_seeds_differ(workspace):
+    """<Trainer>_seed<N> through nnUNetv2_train: same seed, same first epoch (one augmentation worker, as the
+    environment sets); another seed, another run. The seed is recorded next to the checkpoints."""
+    env = workspace["env"]
+
+    def first_epoch(trainer: str):
+        folder = output_folder(env, trainer, 3)
+        shutil.rmtree(folder, ignore_errors=True)
+        run([command("nnUNetv2_train"), DATASET_ID, CONFIGURATION, "3", "-tr", trainer, "-device", "cpu"], env,
+            {"PROTO_TEST_STOP_AFTER_EPOCH": "0"}, expect=75)
+        checkpoint = torch.load(folder / "checkpoint_latest.pth", weights_only=False)
+        record = json.loads((folder / "run_seed.json").read_text())
+        assert record == {"seed": int(trainer[-1]), "trainer": trainer, "base_trainer": "nnUNetTrainer_testBudget"}
+        return checkpoint["logging"]["train_losses"], checkpoint["network_weights"]
+
+    losses, weights = first_epoch("nnUNetTrainer_testBudget_seed1")
+    losses_again, weights_again = first_epoch("nnUNetTrainer_testBudget_seed1")
+    other_losses, other_weights = first_epoch("nnUNetTrainer_testBudget_seed2")
+    assert len(losses) == 1 and losses == losses_again
+    assert all(torch.equal(weights[k], weights_again[k]) for k in weights)
+    assert losses != other_losses and not all(torch.equal(weights[k], other_weights[k]) for k in weights)
+
+
 def test_resuming_from_an_incompatible_checkpoint_names_the_problem(workspace, monkeypatch):
     for key, value in workspace["env"].items():
         monkeypatch.setenv(key, value)

@@ -107,6 +107,9 @@ class PairedLoader:
     def __next__(self) -> dict:
         return {"labeled": next(self.labeled), "unlabeled": next(self.unlabeled)}
 
+    def augmenters(self) -> tuple:
+        return self.labeled, self.unlabeled
+
     def _finish(self) -> None:
         for loader in (self.labeled, self.unlabeled):
             if hasattr(loader, "_finish"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -31,14 +32,27 @@ def make_labeled_list(dataset: str, folds: Sequence[int], count: int, group_patt
     folders = require_nnunet_folders(("nnUNet_preprocessed",))
     name = resolve_dataset_name(dataset)
     base = folders["nnUNet_preprocessed"] / name
+    if group_pattern is not None:
+        try:
+            re.compile(group_pattern)
+        except re.error as error:
+            raise SetupError(f"--group-by '{group_pattern}' is not a valid regular expression ({error})",
+                             "pass a Python regular expression, e.g. --group-by 'patient\\d+'") from None
+    if count < 1:
+        raise SetupError(f"-n {count}: at least one labelled case (or group) is needed", "pass -n 1 or more")
     out = Path(output) if output else base / LABELED_LIST_FILE
+    if out.is_dir():
+        raise SetupError(f"--out {out} is a folder", "give a file name, e.g. --out labeled_cases.json")
+    if not out.parent.is_dir():
+        raise SetupError(f"the folder of --out {out} does not exist", f"create it first (mkdir -p {out.parent})")
     if out.exists() and not replace:
         raise SetupError(f"{out} already exists", "pass --replace to overwrite it, or --out for another file")
     splits = crossval_splits(base)
     per_fold = {}
     for fold in folds:
-        if fold >= len(splits):
-            raise SetupError(f"fold {fold} does not exist (the splits have {len(splits)})", "pick existing folds")
+        if not 0 <= fold < len(splits):
+            raise SetupError(f"fold {fold} does not exist (the splits have folds 0 to {len(splits) - 1})",
+                             "pick existing folds")
         training = splits[fold]["train"]
         per_fold[fold] = (grouped_labeled_subset(training, count, group_pattern, seed + fold) if group_pattern
                           else seeded_labeled_subset(training, count, seed + fold))

@@ -1,0 +1,189 @@
+"""Finding a comparison's runs in nnU-Net's results layout and scoring them, with a cache that cannot go stale.
+
+A run is one trained model's predictions: a fold of a trainer, or a fold of one seed of a
+trainer (``<Trainer>_seed<N>``, see ``nnunetv2_proto.training.seeding``), or a trainer's
+predictions on an external test set. Scores are cached per run; the cache key is everything
+that determines them (every segmentation file's name, size and modification time, the
+dataset.json, the evaluation policy, the cases expected, ``METRICS_VERSION``), and the cache
+lives next to the predictions when that folder is writable, in the user's cache folder when
+it is not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from nnunetv2_proto.environment import SetupError, require_nnunet_folders
+from nnunetv2_proto.evaluation.evaluate import (METRICS_VERSION, EvaluationPolicy, evaluate_folders,
+                                                load_dataset_json)
+from nnunetv2_proto.evaluation.metrics import METRICS
+from nnunetv2_proto.training.seeding import seeded_name
+
+MEAN = "mean of structures"  # the per-case average over structures
+CACHE_NAME = ".nnunetv2_proto_metrics.json"
+RunKey = Tuple[Optional[int], Optional[int]]  # (fold, seed): what pairs a run with the baseline's
+
+
+@dataclass(frozen=True)
+class RunSource:
+    trainer: str                  # as reported: the trainer without its seed suffix
+    folder_trainer: str           # the name the run was trained under
+    fold: Optional[int]
+    seed: Optional[int]
+    predictions: Path
+    references: Path
+    expected_cases: Optional[Tuple[str, ...]] = None
+
+    @property
+    def key(self) -> RunKey:
+        return self.fold, self.seed
+
+    @property
+    def label(self) -> str:
+        return run_label(self.key)
+
+
+def run_label(key: RunKey) -> str:
+    fold, seed = key
+    parts = ([] if fold is None else [f"fold {fold}"]) + ([] if seed is None else [f"seed {seed}"])
+    return " ".join(parts) or "test set"
+
+
+@dataclass
+class RunScores:
+    source: RunSource
+    # metric -> structure (incl. MEAN) -> case -> value
+    values: Dict[str, Dict[str, Dict[str, float]]] = field(default_factory=dict)
+
+
+def _validation_cases(preprocessed: Path, dataset: str, fold: int) -> Optional[Tuple[str, ...]]:
+    splits_file = preprocessed / dataset / "splits_final.json"
+    if not splits_file.is_file():
+        return None
+    splits = json.loads(splits_file.read_text())
+    return tuple(splits[fold]["val"]) if 0 <= fold < len(splits) else None
+
+
+def find_runs(dataset: str, configuration: str, trainers: Sequence[str], plans: str, folds: Sequence[int],
+              seeds: Sequence[int], test_gt: Optional[Path], test_pred_root: Optional[Path]
+              ) -> Tuple[List[RunSource], List[str]]:
+    """Every requested run that exists, and a line for each one that does not."""
+    from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
+    runs, missing = [], []
+    seed_options: List[Optional[int]] = list(seeds) or [None]
+    if test_gt is not None:
+        for trainer in trainers:
+            for seed in seed_options:
+                name = trainer if seed is None else seeded_name(trainer, seed)
+                folder = Path(test_pred_root) / name
+                if folder.is_dir() and any(folder.iterdir()):
+                    runs.append(RunSource(trainer, name, None, seed, folder, Path(test_gt)))
+                else:
+                    missing.append(f"{name}: no test predictions in {folder}")
+        return runs, missing
+    folders = require_nnunet_folders(("nnUNet_preprocessed", "nnUNet_results"))
+    references = folders["nnUNet_preprocessed"] / dataset / "gt_segmentations"
+    if not references.is_dir():
+        raise SetupError(f"{references} does not exist", f"preprocess {dataset} with nnU-Net first")
+    for trainer in trainers:
+        for seed in seed_options:
+            name = trainer if seed is None else seeded_name(trainer, seed)
+            base = folders["nnUNet_results"] / dataset / convert_trainer_plans_config_to_identifier(
+                name, plans, configuration)
+            if not base.is_dir():
+                missing.append(f"{name}: no results folder {base}")
+                continue
+            for fold in folds:
+                validation = base / f"fold_{fold}" / "validation"
+                if (validation / "summary.json").is_file():
+                    runs.append(RunSource(trainer, name, fold, seed, validation, references,
+                                          _validation_cases(folders["nnUNet_preprocessed"], dataset, fold)))
+                else:
+                    missing.append(f"{name}: fold {fold} has no finished validation ({validation})")
+    return runs, missing
+
+
+def _file_stamps(folder: Path, file_ending: str, names: Optional[set] = None) -> List[Tuple[str, int, int]]:
+    stamps = []
+    for path in sorted(folder.iterdir()):
+        if path.name.endswith(file_ending) and (names is None or path.name in names):
+            try:
+                stat = path.stat()
+                stamps.append((path.name, stat.st_size, stat.st_mtime_ns))
+            except OSError:  # a dangling link: evaluation reports it
+                stamps.append((path.name, -1, -1))
+    return stamps
+
+
+def cache_key(run: RunSource, dataset_json_file: Optional[Path], file_ending: str, policy: EvaluationPolicy) -> str:
+    predictions = _file_stamps(run.predictions, file_ending)
+    names = {name for name, _, _ in predictions} | {f"{c}{file_ending}" for c in run.expected_cases or ()}
+    content = {
+        "metrics_version": METRICS_VERSION,
+        "predictions": predictions,
+        "references": _file_stamps(run.references, file_ending, names),
+        "dataset_json": load_dataset_json(dataset_json_file) if dataset_json_file else None,
+        "policy": policy.as_dict(),
+        "expected_cases": list(run.expected_cases) if run.expected_cases is not None else None,
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def cache_file(predictions: Path) -> Path:
+    """Next to the predictions if we may write there, else in the user's cache folder."""
+    if os.access(predictions, os.W_OK):
+        return predictions / CACHE_NAME
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nnunetv2_proto" / "metrics"
+    return root / (hashlib.sha256(str(predictions.resolve()).encode()).hexdigest()[:24] + ".json")
+
+
+def evaluate_run(run: RunSource, dataset_json_file: Optional[Path], policy: EvaluationPolicy,
+                 num_processes: int) -> dict:
+    file_ending = (load_dataset_json(dataset_json_file).get("file_ending") if dataset_json_file else None) \
+        or ".nii.gz"
+    key = cache_key(run, dataset_json_file, file_ending, policy)
+    cache = cache_file(run.predictions)
+    if cache.is_file():
+        try:
+            cached = json.loads(cache.read_text())
+            if cached.get("cache_key") == key:
+                return cached["result"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            pass  # unreadable or foreign: recompute
+    result = evaluate_folders(run.references, run.predictions, dataset_json_file, None, num_processes, file_ending,
+                              policy, run.expected_cases)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({"cache_key": key, "result": result}))
+    except OSError:
+        pass  # a cache we cannot write costs time, not correctness
+    return result
+
+
+def score_runs(runs: Sequence[RunSource], dataset_json_file: Optional[Path], policy: EvaluationPolicy,
+               num_processes: int, progress=print) -> Tuple[List[RunScores], List[str], Dict[str, List[str]]]:
+    """Scores of every run, the structure names, and per run label what evaluation left out."""
+    scored: List[RunScores] = []
+    structures: List[str] = []
+    left_out: Dict[str, List[str]] = {}
+    for index, run in enumerate(runs, start=1):
+        progress(f"  evaluating {run.folder_trainer} {run.label} ({index}/{len(runs)})")
+        result = evaluate_run(run, dataset_json_file, policy, num_processes)
+        structures = list(result["structures"])
+        if result.get("missing_predictions"):
+            left_out[f"{run.folder_trainer} {run.label}"] = result["missing_predictions"]
+        entry = RunScores(run)
+        for case in result["metric_per_case"]:
+            for metric in METRICS:
+                per_structure = {s: case["metrics"][s][metric] for s in structures}
+                for s, v in {**per_structure, MEAN: float(np.mean(list(per_structure.values())))}.items():
+                    entry.values.setdefault(metric, {}).setdefault(s, {})[case["case"]] = float(v)
+        scored.append(entry)
+    return scored, structures, left_out
