@@ -269,3 +269,75 @@ def test_compare_and_benchmark_heads_work_on_real_nnunet_results(workspace, tmp_
     assert [r["trainer"] for r in results] == ["nnUNetTrainer_testBudget", "nnUNetTrainerSIPL_testBudget"]
     assert results[0]["train_step_ratio"] == 1.0 and results[1]["train_step_s"] > 0
     assert not list((Path(env["nnUNet_results"]) / DATASET).glob("*benchmark*"))  # nothing written there
+
+
+def test_demo_report_scores_real_predictions_of_exactly_the_validation_cases(workspace, tmp_path, monkeypatch):
+    """The demo's last step on real nnU-Net outputs: compare (strict: every validation case predicted), table,
+    CSV and figure."""
+    from nnunetv2_proto.demo import DemoPaths
+    from nnunetv2_proto.demo_report import collect_results, write_report
+    root = workspace["root"]
+    paths = DemoPaths(tmp_path)
+    for name in ("nnUNet_raw", "nnUNet_results", "predictions"):
+        (tmp_path / name).symlink_to(root / name)
+    paths.validation_images.symlink_to(workspace["images"])
+    paths.validation_labels.mkdir()
+    for case in workspace["val_cases"]:
+        shutil.copy(root / "nnUNet_raw" / DATASET / "labelsTr" / f"{case}.nii.gz", paths.validation_labels)
+    trainers = list(TRAINERS[:3])
+    for key, value in workspace["env"].items():
+        monkeypatch.setenv(key, value)
+    results = collect_results(paths, DATASET, trainers, {t: 1.0 for t in trainers}, CONFIGURATION)
+    assert [r.trainer for r in results] == trainers
+    assert all(0.0 <= r.mean_dice <= 1.0 for r in results)
+    table = write_report(paths, DATASET, results, workspace["val_cases"]).read_text()
+    assert "wall-time ratio to vanilla" in table and all(t in table for t in trainers)
+    assert (tmp_path / "results.png").is_file()
+    assert (tmp_path / "results.csv").read_text().count("\n") == len(trainers) + 1
+
+
+GOLDEN_STEPS = Path(__file__).resolve().parent / "data" / "golden_training_steps.json"
+GOLDEN_TRAINERS = ("nnUNetTrainerSIPL_testBudget", "nnUNetTrainerMPER_testBudget", "nnUNetTrainerBCP_testBudget",
+                   "nnUNetTrainerMPERSemi_testBudget")
+
+
+def seeded_steps(workspace, trainer_name: str, monkeypatch) -> dict:
+    """Three seeded training steps in each family's costliest phase: losses, their parts, and the weights."""
+    import hashlib
+    import random
+    for key, value in workspace["env"].items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")  # in-process augmentation: the batches follow the seed
+    from nnunetv2.run.run_training import get_trainer_from_args
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    trainer = get_trainer_from_args(str(DATASET_ID), CONFIGURATION, 2, trainer_name, device=torch.device("cpu"))
+    trainer.initialize()
+    trainer.current_epoch = getattr(trainer, "warmup_epochs", 0)  # prototypes / self-training on
+    trainer.dataloader_train, trainer.dataloader_val = trainer.get_dataloaders()
+    trainer.on_train_epoch_start()
+    steps = [trainer.train_step(next(trainer.dataloader_train)) for _ in range(3)]
+    state = trainer.network.state_dict()
+    digest = hashlib.sha256(b"".join(state[k].detach().contiguous().numpy().tobytes() for k in sorted(state)))
+    return {"steps": [{k: float(v) for k, v in s.items()} for s in steps],
+            "weight_sums": {k: float(state[k].double().sum()) for k in sorted(state)},
+            "weights_sha256": digest.hexdigest()}
+
+
+@pytest.mark.parametrize("trainer", GOLDEN_TRAINERS)
+def test_training_steps_match_the_recorded_behaviour(workspace, trainer, monkeypatch):
+    """Refactoring guard: seeded steps of every family equal the values recorded before the code moved.
+    Bit-for-bit on the machine that recorded them (weights_sha256); to float tolerance elsewhere."""
+    if os.environ.get("PROTO_RECORD_GOLDEN"):
+        recorded = json.loads(GOLDEN_STEPS.read_text()) if GOLDEN_STEPS.is_file() else {}
+        recorded[trainer] = seeded_steps(workspace, trainer, monkeypatch)
+        GOLDEN_STEPS.parent.mkdir(exist_ok=True)
+        GOLDEN_STEPS.write_text(json.dumps(recorded, indent=1, sort_keys=True))
+    expected = json.loads(GOLDEN_STEPS.read_text())[trainer]
+    measured = seeded_steps(workspace, trainer, monkeypatch)
+    assert [set(s) for s in measured["steps"]] == [set(s) for s in expected["steps"]]
+    for ours, theirs in zip(measured["steps"], expected["steps"]):
+        for key in theirs:
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-6), (trainer, key)
+    assert set(measured["weight_sums"]) == set(expected["weight_sums"])
+    for key, value in expected["weight_sums"].items():
+        assert measured["weight_sums"][key] == pytest.approx(value, rel=1e-4, abs=1e-5), (trainer, key)
