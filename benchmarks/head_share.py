@@ -6,7 +6,7 @@ every top-level module of a trainer's network other than nnU-Net's ``encoder`` a
 ``decoder`` (SIPL: ``head``; MPER: ``classifier``, unused by its default linear inference)
 and prints its share and the ratio it implies against the same network without it
 (whole / (whole - added)). The network is built from the real plans as ``nnUNetv2_train``
-builds it (see ``nnunetv2_proto.evaluation.benchmark``); input is one synthetic patch.
+builds it (see ``nnunetv2_proto.profiling.benchmark_heads``); input is one synthetic patch.
 
 Run: python benchmarks/head_share.py -d 501 -c 3d_fullres -tr nnUNetTrainerSIPL nnUNetTrainerMPER
 """
@@ -22,7 +22,7 @@ from typing import Dict, List
 import torch
 
 from nnunetv2_proto.environment import require_nnunet_folders, resolve_dataset_name
-from nnunetv2_proto.evaluation.benchmark import MeasuredTrainer
+from nnunetv2_proto.profiling.benchmark_heads import MeasuredTrainer
 
 NNUNET_PARTS = ("encoder", "decoder")
 

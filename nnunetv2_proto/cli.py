@@ -89,7 +89,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_benchmark_heads(args: argparse.Namespace) -> int:
-    from nnunetv2_proto.evaluation.benchmark import benchmark_heads, format_benchmark
+    from nnunetv2_proto.profiling.benchmark_heads import benchmark_heads, format_benchmark
     report = benchmark_heads(args.d, args.c, args.tr, args.p, args.baseline, args.num_classes, args.steps,
                              args.warmup, args.device, args.batch_size, Path(args.out) if args.out else None,
                              args.sequential)

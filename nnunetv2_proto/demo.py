@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
+from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
+
 from nnunetv2_proto.demo_dataset import DemoDatasetSpec, dataset_folder_name, write_demo_dataset
 from nnunetv2_proto.environment import SetupError, trainer_directory
 
@@ -202,10 +204,11 @@ def run_demo(workdir: Path = Path("nnunet_proto_demo"), trainers: Sequence[str] 
         add_cpu_configurations(str(DEMO_DATASET_ID), num_processes=2, configurations=(DEMO_CONFIGURATION,))
     splits_file = paths.preprocessed / dataset / "splits_final.json"
 
-    from nnunetv2_proto.trainers.proto_cpu_budget import CPU_BUDGET_EPOCHS
+    from nnunetv2_proto.training.budgets import CPU_BUDGET_EPOCHS
     report(f"[4/6] training {len(trainers)} trainers, fold 0, {DEMO_CONFIGURATION}, same budget each")
     for index, trainer in enumerate(trainers, start=1):
-        output = paths.results / dataset / f"{trainer}__nnUNetPlans__{DEMO_CONFIGURATION}" / "fold_0"
+        output = paths.results / dataset / convert_trainer_plans_config_to_identifier(
+            trainer, "nnUNetPlans", DEMO_CONFIGURATION) / "fold_0"
         if (output / "checkpoint_final.pth").is_file():
             report(f"  ({index}/{len(trainers)}) {trainer}: already trained")
             continue

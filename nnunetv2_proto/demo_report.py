@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
 
-from nnunetv2_proto.trainers.proto_cpu_budget import TIMING_FILE
+from nnunetv2_proto.training.budgets import TIMING_FILE
 
 
 
@@ -37,7 +38,8 @@ def collect_results(paths, dataset: str, trainers: Sequence[str], prediction_sec
     stats = {(r["trainer"], r["structure"], r["metric"]): r for r in report["statistics"]}
     results = []
     for trainer in trainers:
-        timing = paths.results / dataset / f"{trainer}__nnUNetPlans__{configuration}" / "fold_0" / TIMING_FILE
+        timing = paths.results / dataset / convert_trainer_plans_config_to_identifier(
+            trainer, "nnUNetPlans", configuration) / "fold_0" / TIMING_FILE
         seconds = json.loads(timing.read_text())["median_seconds_per_iteration"] if timing.is_file() else None
         results.append(TrainerResult(
             trainer, {s: stats[(trainer, s, "Dice")]["mean"] for s in report["structures"]},

@@ -8,7 +8,7 @@ import io
 import os
 import re
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 NNUNET_FOLDER_VARIABLES = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 TRAINER_PATH_VARIABLE = "nnUNet_extTrainer"
@@ -91,25 +91,22 @@ def dataset_folders(root: Path) -> Dict[int, Path]:
 
 
 def resolve_dataset_name(dataset: str) -> str:
-    """``501`` or ``Dataset501_LeftAtrium`` -> the dataset's folder name, found in nnU-Net's folders."""
-    if re.fullmatch(r"Dataset\d{3}_.+", dataset):
-        return dataset
-    if not dataset.isdigit():
+    """``501`` or ``Dataset501_LeftAtrium`` -> the dataset's folder name, by nnU-Net's own lookup (which looks
+    in nnUNet_raw, nnUNet_preprocessed and nnUNet_results, and refuses an id that two datasets share)."""
+    if not dataset.isdigit() and not re.fullmatch(r"Dataset\d{3}_.+", dataset):
         raise SetupError(
             f"'{dataset}' is neither a dataset id nor a DatasetXXX_Name folder name",
             "pass the numeric id (e.g. -d 501) or the full name (e.g. -d Dataset501_LeftAtrium)",
         )
-    dataset_id = int(dataset)
-    candidates: List[Path] = []
-    for variable in ("nnUNet_preprocessed", "nnUNet_raw"):
-        if os.environ.get(variable):
-            folder = dataset_folders(Path(os.environ[variable])).get(dataset_id)
-            if folder is not None:
-                candidates.append(folder)
-    if not candidates:
-        searched = ", ".join(f"{v}={os.environ.get(v, '<unset>')}" for v in ("nnUNet_raw", "nnUNet_preprocessed"))
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    try:
+        return str(maybe_convert_to_dataset_name(dataset))
+    except RuntimeError as error:
+        conflict = str(error).startswith("More than one")
+        searched = ", ".join(f"{v}={os.environ.get(v, '<unset>')}" for v in NNUNET_FOLDER_VARIABLES)
         raise SetupError(
-            f"no dataset with id {dataset_id} exists ({searched})",
-            "check the id with `ls $nnUNet_raw $nnUNet_preprocessed`, or create the dataset first",
-        )
-    return candidates[0].name
+            (f"more than one dataset has the id {int(dataset)}" if conflict else
+             f"no dataset with id {int(dataset)} exists") + f" ({searched})",
+            "rename or remove the duplicate so each id names one dataset, or pass the full DatasetXXX_Name"
+            if conflict else "check the id with `ls $nnUNet_raw $nnUNet_preprocessed`, or create the dataset first",
+        ) from None

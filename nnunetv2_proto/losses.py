@@ -11,13 +11,35 @@ ratio defined.
 
 from __future__ import annotations
 
-import math
-from typing import Optional, Sequence
+from dataclasses import asdict, dataclass
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch.nn import functional as F
 
 from nnunetv2_proto.label_layout import downsample_labels, full_resolution, one_hot
+
+
+class VoxelTarget(NamedTuple):
+    """The full-resolution exclusive-class target of one training step, built once and shared by every loss
+    and prototype update of that step."""
+    labels: torch.Tensor                        # (B, *s) exclusive class per voxel
+    weights: torch.Tensor                       # (B, *s) bool valid mask, or float loss weight (0: nothing)
+    update_mask: Optional[torch.Tensor] = None  # voxels allowed to move prototypes; None: every valid voxel
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return self.weights if self.weights.dtype == torch.bool else self.weights > 0
+
+    @classmethod
+    def from_nnunet_target(cls, layout, target) -> "VoxelTarget":
+        """nnU-Net's (possibly deep-supervised) training target -> exclusive classes and the ignore mask."""
+        labels, valid = layout.exclusive_target(full_resolution(target))
+        return cls(labels, valid)
+
+
+def as_voxel_target(layout, target: Union[VoxelTarget, torch.Tensor, list]) -> VoxelTarget:
+    return target if isinstance(target, VoxelTarget) else VoxelTarget.from_nnunet_target(layout, target)
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -82,14 +104,6 @@ def probability_consistency_loss(p_linear: torch.Tensor, p_prototype: torch.Tens
     return _masked_mean(per_voxel, valid)
 
 
-def sigmoid_rampup(progress: float, rampup_fraction: float = 0.4) -> float:
-    """exp(-5 (1 - t)^2) with t = progress / rampup_fraction clipped to [0, 1]; progress in [0, 1]."""
-    if rampup_fraction <= 0:
-        return 1.0
-    t = min(max(progress / rampup_fraction, 0.0), 1.0)
-    return math.exp(-5.0 * (1.0 - t) ** 2)
-
-
 class SIPLObjective(torch.nn.Module):
     """nnU-Net's segmentation loss + alpha * SIPL's pseudo-mask loss over all SMG layers."""
 
@@ -99,12 +113,12 @@ class SIPLObjective(torch.nn.Module):
         self.layout = layout
         self.aux_weight = aux_weight
 
-    def forward(self, outputs, aux, target):
+    def forward(self, outputs, aux, target, voxels: Optional[VoxelTarget] = None):
         seg = self.segmentation_loss(outputs, target)
         if not aux.pseudo_mask_logits:
             return seg, {"seg": seg}
-        labels, valid = self.layout.exclusive_target(full_resolution(target))
-        pseudo = pseudo_mask_loss(aux.pseudo_mask_logits, labels, valid)
+        voxels = voxels if voxels is not None else as_voxel_target(self.layout, target)
+        pseudo = pseudo_mask_loss(aux.pseudo_mask_logits, voxels.labels, voxels.valid)
         return seg + self.aux_weight * pseudo, {"seg": seg, "pseudo_mask": pseudo}
 
 
@@ -119,35 +133,45 @@ class FullResolutionTarget(torch.nn.Module):
         return self.loss(logits, full_resolution(target))
 
 
+@dataclass(frozen=True)
+class MPERLossWeights:
+    """Weights of MPER's prototype-phase terms (each further scaled by the ramp lambda(t))."""
+    seg_prototype: float = 1.0
+    ppc: float = 0.02
+    ppd: float = 0.02
+    consistency: float = 1.0
+
+
 class MPERObjective(torch.nn.Module):
     """L_seg(linear) + lambda [w_seg L_seg(prototype) + w_ppc PPC + w_ppd PPD + w_cons consistency].
 
-    ``segmentation_loss(outputs, target)`` scores the (possibly deep-supervised) linear outputs,
-    ``prototype_loss(logits, target)`` the full-resolution prototype logits, and
-    ``voxel_targets(target) -> (labels, weights)`` gives the exclusive class and weight (or
-    valid mask) of every full-resolution voxel; by default nnU-Net's loss and target layout.
-    ``forward`` with ``prototype_weight=None`` is the warm-up: the linear loss alone.
+    ``segmentation_loss(outputs, target)`` scores the (possibly deep-supervised) linear outputs and
+    ``prototype_loss(logits, target)`` the full-resolution prototype logits; the prototype terms use
+    the step's ``VoxelTarget`` (given, or built from nnU-Net's target). The terms come back by
+    name, unweighted; ``total`` is the one place they are weighted. ``forward`` with
+    ``prototype_weight=None`` is the warm-up: the linear loss alone.
     """
 
     def __init__(self, segmentation_loss, prototype_loss, layout, temperature: float = 0.1,
-                 weight_prototype_seg: float = 1.0, weight_ppc: float = 0.02, weight_ppd: float = 0.02,
-                 weight_consistency: float = 1.0, consistency_kind: str = "mse", voxel_targets=None):
+                 weights: MPERLossWeights = MPERLossWeights(), consistency_kind: str = "mse"):
         super().__init__()
         self.segmentation_loss = segmentation_loss
         self.prototype_loss = prototype_loss
         self.layout = layout
         self.temperature = temperature
-        self.weights = {"seg_prototype": weight_prototype_seg, "ppc": weight_ppc, "ppd": weight_ppd,
-                        "consistency": weight_consistency}
+        self.weights = asdict(weights)
         self.consistency_kind = consistency_kind
-        self.voxel_targets = voxel_targets or (
-            lambda target: layout.exclusive_target(full_resolution(target)))
 
-    def forward(self, outputs, aux, target, prototype_output_logits=None, prototype_weight=None):
+    def total(self, linear: torch.Tensor, parts: dict, prototype_weight: float) -> torch.Tensor:
+        return linear + prototype_weight * sum(self.weights[k] * v for k, v in parts.items())
+
+    def forward(self, outputs, aux, target, prototype_output_logits=None, prototype_weight=None,
+                voxels: Optional[VoxelTarget] = None):
         linear = self.segmentation_loss(outputs, target)
         if prototype_weight is None:
             return linear, {"seg": linear}
-        labels, weights = self.voxel_targets(target)
+        voxels = voxels if voxels is not None else as_voxel_target(self.layout, target)
+        labels, weights = voxels.labels, voxels.weights
         own = own_class_similarities(aux.similarities, labels)
         parts = {
             "seg_prototype": self.prototype_loss(prototype_output_logits, target),
@@ -158,14 +182,13 @@ class MPERObjective(torch.nn.Module):
                 self.layout.output_probabilities_from_logits(prototype_output_logits.float()), weights,
                 self.consistency_kind),
         }
-        total = linear + prototype_weight * sum(self.weights[k] * v for k, v in parts.items())
-        return total, {"seg": linear, **parts, "lambda": prototype_weight}
+        return self.total(linear, parts, prototype_weight), {"seg": linear, **parts, "lambda": prototype_weight}
 
 
 class WeightedDiceCE(torch.nn.Module):
     """Dice + CE with per-voxel weights on a full-resolution output, for copy-paste batches.
 
-    ``target`` is a ``MixedTarget`` (labels and weights at full resolution); with a list of
+    ``target`` is a ``VoxelTarget`` (labels and weights at full resolution); with a list of
     outputs (deep supervision) each is scored against the labels and weights downsampled to its
     size and weighted by nnU-Net's deep-supervision factors.
     """

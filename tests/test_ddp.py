@@ -19,8 +19,8 @@ from torch.nn.parallel import DistributedDataParallel
 from conftest import small_unet
 from nnunetv2_proto.heads.multi_prototype import MultiPrototypeClassifier
 from nnunetv2_proto.label_layout import LabelLayout
-from nnunetv2_proto.losses import FullResolutionTarget, MPERObjective, SIPLObjective, WeightedDiceCE
-from nnunetv2_proto.semi.copy_paste import MixedTarget, bidirectional_pairs, copy_paste, cuboid_masks, swapped_pairs
+from nnunetv2_proto.losses import FullResolutionTarget, MPERObjective, SIPLObjective, VoxelTarget, WeightedDiceCE
+from nnunetv2_proto.semi.copy_paste import bidirectional_pairs, copy_paste, cuboid_masks, swapped_pairs
 from nnunetv2_proto.networks import MPERConfig, MPERNetwork, SIPLConfig, SIPLNetwork
 
 WORLD = 2
@@ -121,8 +121,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.manual_seed(7)
     semi = DistributedDataParallel(MPERNetwork(small_unet(2, 3, stages=5), LabelLayout(3), MPERConfig(2)))
     _, ds_loss = nnunet_loss(ddp=True, batch_dice=True, num_outputs=4)
-    mixed_objective = MPERObjective(WeightedDiceCE(ds_loss.weight_factors), WeightedDiceCE(), LabelLayout(3),
-                                    voxel_targets=lambda t: (t.labels, t.weights))
+    mixed_objective = MPERObjective(WeightedDiceCE(ds_loss.weight_factors), WeightedDiceCE(), LabelLayout(3))
     core_semi = semi.module
     core_semi.classifier.initialize_classes([torch.randn(20, 8) for _ in range(3)])
 
@@ -138,7 +137,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             images = copy_paste(x[mine], swapped_pairs(x[mine]), masks)
             mixed = copy_paste(labels, swapped_pairs(labels), masks)
             weights = torch.ones_like(labels).float()
-        target = MixedTarget(mixed, weights, weights > 0)
+        target = VoxelTarget(mixed, weights, weights > 0)
         outputs, aux = semi(images, return_aux=True)
         extra = (core_semi.prototype_output_logits(aux.prototype_logits), 0.5) if self_training else ()
         loss, _ = mixed_objective(outputs, aux, target, *extra)

@@ -220,6 +220,8 @@ def test_cli_names_bad_arguments_of_the_other_commands(tmp_path, monkeypatch, ca
     dataset = tmp_path / "pre" / "Dataset555_Lists"
     dataset.mkdir(parents=True)
     (dataset / "splits_final.json").write_text(json.dumps([{"train": ["a", "b"], "val": ["c"]}]))
+    for clash in ("Dataset556_One", "Dataset556_Other"):  # nnU-Net's lookup refuses an ambiguous id
+        (tmp_path / "pre" / clash).mkdir()
     for argv, message in [
         (["make-labeled-list", "-d", "555", "-n", "1", "--group-by", "patient(\\d+"], "not a valid regular expression"),
         (["make-labeled-list", "-d", "555", "-n", "1", "--folds", "-1"], "fold -1 does not exist"),
@@ -227,6 +229,7 @@ def test_cli_names_bad_arguments_of_the_other_commands(tmp_path, monkeypatch, ca
         (["make-demo-dataset", "--dataset-id", "-5"], "outside nnU-Net's range"),
         (["make-demo-dataset", "--dataset-id", "1234"], "outside nnU-Net's range"),
         (["make-demo-dataset", "--name", "a/b"], "not a plain folder name"),
+        (["make-labeled-list", "-d", "556", "-n", "1"], "more than one dataset has the id 556"),
     ]:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err

@@ -8,8 +8,8 @@ of each part can be measured. Loss: Dice + CE with voxel weights (1 from labelle
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_proto.semi.labeled_subset import LABELED_LIST_FILE
-from nnunetv2_proto.trainers.proto_cpu_budget import CpuBudgetMixin
-from nnunetv2_proto.trainers.proto_semi_supervised import SemiSupervisedMixin
+from nnunetv2_proto.training.budgets import SemiSupervisedCpuBudgetMixin
+from nnunetv2_proto.training.semi_supervised import SemiSupervisedMixin
 
 
 class nnUNetTrainerBCP(SemiSupervisedMixin, nnUNetTrainer):
@@ -18,8 +18,8 @@ class nnUNetTrainerBCP(SemiSupervisedMixin, nnUNetTrainer):
     def build_objective(self):
         return self.mixed_batch_loss()
 
-    def forward_and_loss(self, data, target):
-        loss = self.objective(self.network(data), target)
+    def forward_and_loss(self, data, target, voxels):
+        loss = self.objective(self.network(data), voxels)
         return loss, {"seg": loss}, None
 
 
@@ -47,6 +47,5 @@ class nnUNetTrainerBCP_labeledList(nnUNetTrainerBCP):
     labeled_list_file = LABELED_LIST_FILE
 
 
-class nnUNetTrainerBCP_8labeled_cpuBudget(CpuBudgetMixin, nnUNetTrainerBCP_8labeled):
-    # 10% of 200 iterations would hand self-training to a teacher trained for 20 steps
-    warmup_fraction = 0.3
+class nnUNetTrainerBCP_8labeled_cpuBudget(SemiSupervisedCpuBudgetMixin, nnUNetTrainerBCP_8labeled):
+    pass

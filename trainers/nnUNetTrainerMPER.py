@@ -1,40 +1,36 @@
 """nnUNetTrainerMPER: nnU-Net's linear head plus a multi-prototype cosine classifier.
 
-Phases (by epoch, so ``--c`` lands in the right one):
-1. warm-up (first ``warmup_fraction`` of epochs): only nnU-Net's loss on the linear path;
-   during its last epoch a bounded per-class sample of labelled embeddings is collected;
+Phases (``phase_plan``, by epoch, so ``--c`` lands in the right one):
+1. warm-up: only nnU-Net's loss on the linear path; during its last epoch a bounded per-class
+   sample of labelled embeddings is collected;
 2. at the first step after warm-up, MiniBatchKMeans per class on that sample initialises
    the prototypes (classes not seen yet are initialised later, when they appear);
 3. then every step: L = L_seg(linear) + lambda(t) [L_seg(prototype) + w_ppc PPC + w_ppd PPD
-   + w_cons consistency], with lambda a sigmoid ramp over the first ``rampup_fraction`` of
-   training, followed by a gradient-free EMA update of the prototypes.
+   + w_cons consistency], with lambda the plan's sigmoid ramp, followed by a gradient-free EMA
+   update of the prototypes.
 
 Prediction uses the linear head (vanilla cost) unless a variant says otherwise.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict
 
 import torch
 
 from nnunetv2_proto.heads.multi_prototype import ClassEmbeddingSampler
-from nnunetv2_proto.label_layout import full_resolution
-from nnunetv2_proto.losses import FullResolutionTarget, MPERObjective, sigmoid_rampup
+from nnunetv2_proto.losses import FullResolutionTarget, MPERLossWeights, MPERObjective, VoxelTarget
 from nnunetv2_proto.networks.mper import MPERConfig
-from nnunetv2_proto.trainers.proto_cpu_budget import CpuBudgetLongMixin, CpuBudgetMixin
-from nnunetv2_proto.trainers.proto_trainer_base import PrototypeTrainerBase
+from nnunetv2_proto.training.budgets import CpuBudgetLongMixin, CpuBudgetMixin
+from nnunetv2_proto.training.schedules import MPER_PHASES, PhasePlan
+from nnunetv2_proto.training.trainer_base import PhasedTrainerMixin, PrototypeTrainerBase
 
 
-class nnUNetTrainerMPER(PrototypeTrainerBase):
+class nnUNetTrainerMPER(PhasedTrainerMixin, PrototypeTrainerBase):
     head_kind = "mper"
     mper_config = MPERConfig()
-    warmup_fraction = 0.05
-    rampup_fraction = 0.4
-    weight_prototype_seg = 1.0
-    weight_ppc = 0.02
-    weight_ppd = 0.02
-    weight_consistency = 1.0
+    phase_plan: PhasePlan = MPER_PHASES
+    loss_weights = MPERLossWeights()
     consistency_kind = "mse"
     samples_per_class = 2048
 
@@ -48,49 +44,41 @@ class nnUNetTrainerMPER(PrototypeTrainerBase):
         return self.mper_config
 
     @property
-    def warmup_epochs(self) -> int:
-        return max(1, round(self.warmup_fraction * self.num_epochs))
-
-    @property
     def in_prototype_phase(self) -> bool:
-        return self.current_epoch >= self.warmup_epochs
+        return self.in_main_phase
 
     def prototype_loss_weight(self) -> float:
-        return sigmoid_rampup(self.current_epoch / self.num_epochs, self.rampup_fraction)
+        return self.phase_plan.main_loss_weight(self.current_epoch, self.num_epochs)
+
+    def mper_objective(self, segmentation_loss, prototype_loss) -> MPERObjective:
+        """MPER's objective around this family's segmentation losses (linear outputs, prototype logits)."""
+        return MPERObjective(segmentation_loss, prototype_loss, self.label_layout, self.mper_config.temperature,
+                             self.loss_weights, self.consistency_kind)
 
     def build_objective(self) -> MPERObjective:
-        return MPERObjective(self.loss, FullResolutionTarget(self.full_resolution_loss), self.label_layout,
-                             self.mper_config.temperature,
-                             self.weight_prototype_seg, self.weight_ppc, self.weight_ppd, self.weight_consistency,
-                             self.consistency_kind)
+        return self.mper_objective(self.loss, FullResolutionTarget(self.full_resolution_loss))
 
-    def compute_loss(self, output, aux, target):
+    def compute_loss(self, output, aux, target, voxels: VoxelTarget):
         network = self.core_network
         if not self.in_prototype_phase or not bool(network.classifier.initialized.any()):
-            return self.objective(output, aux, target)
+            return self.objective(output, aux, target, voxels=voxels)
         return self.objective(output, aux, target, network.prototype_output_logits(aux.prototype_logits),
-                              self.prototype_loss_weight())
+                              self.prototype_loss_weight(), voxels=voxels)
 
-    def voxel_targets(self, target) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """(exclusive class, valid mask, voxels allowed to move prototypes or None for all valid) per voxel."""
-        labels, valid = self.label_layout.exclusive_target(full_resolution(target))
-        return labels, valid, None
-
-    def after_optimizer_step(self, aux, target) -> None:
-        super().after_optimizer_step(aux, target)
-        labels, valid, update_mask = self.voxel_targets(target)
+    def after_optimizer_step(self, aux, voxels: VoxelTarget) -> None:
+        super().after_optimizer_step(aux, voxels)
         classifier = self.core_network.classifier
         if not self.in_prototype_phase:
-            if self.current_epoch == self.warmup_epochs - 1:
-                self.embedding_sampler.add(aux.features, labels, valid)
+            if self.phase_plan.is_last_warmup_epoch(self.current_epoch, self.num_epochs):
+                self.embedding_sampler.add(aux.features, voxels.labels, voxels.valid)
             return
         if not bool(classifier.initialized.all()):
-            self._initialize_missing_classes(aux, labels, valid)
-        classifier.ema_update(aux.features, labels, valid, aux.similarities, update_mask)
+            self._initialize_missing_classes(aux, voxels)
+        classifier.ema_update(aux.features, voxels.labels, voxels.valid, aux.similarities, voxels.update_mask)
 
-    def _initialize_missing_classes(self, aux, labels, valid) -> None:
+    def _initialize_missing_classes(self, aux, voxels: VoxelTarget) -> None:
         # the warm-up sample first; classes it lacks (or all, after a resume) come from this batch
-        self.embedding_sampler.add(aux.features, labels, valid)
+        self.embedding_sampler.add(aux.features, voxels.labels, voxels.valid)
         classifier = self.core_network.classifier
         new = classifier.initialize_classes(self.embedding_sampler.samples(), seed=12345)
         if new:
@@ -101,6 +89,12 @@ class nnUNetTrainerMPER(PrototypeTrainerBase):
                                    "initialised when they first appear")
         if bool(classifier.initialized.all()):
             self.embedding_sampler = ClassEmbeddingSampler(self.label_layout.num_exclusive, self.samples_per_class)
+
+    def enter_steady_state(self) -> None:
+        super().enter_steady_state()
+        classifier = self.core_network.classifier
+        dim = classifier.prototypes.shape[-1]
+        classifier.initialize_classes([torch.randn(64, dim) for _ in range(classifier.num_classes)])
 
     def extra_checkpoint_state(self) -> Dict[str, Any]:
         state = super().extra_checkpoint_state()
@@ -124,11 +118,11 @@ class nnUNetTrainerMPER_M5(nnUNetTrainerMPER):
 
 
 class nnUNetTrainerMPER_noPPC(nnUNetTrainerMPER):
-    weight_ppc = 0.0
+    loss_weights = MPERLossWeights(ppc=0.0)
 
 
 class nnUNetTrainerMPER_noConsistency(nnUNetTrainerMPER):
-    weight_consistency = 0.0
+    loss_weights = MPERLossWeights(consistency=0.0)
 
 
 class nnUNetTrainerMPER_protoInference(nnUNetTrainerMPER):

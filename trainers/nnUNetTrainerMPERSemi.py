@@ -10,21 +10,19 @@ whose teacher confidence exceeds 0.9.
 from nnunetv2_proto.losses import MPERObjective, WeightedDiceCE
 from nnunetv2_proto.semi.labeled_subset import LABELED_LIST_FILE
 from nnunetv2_proto.trainers.nnUNetTrainerMPER import nnUNetTrainerMPER
-from nnunetv2_proto.trainers.proto_cpu_budget import CpuBudgetMixin
-from nnunetv2_proto.trainers.proto_semi_supervised import SemiSupervisedMixin
+from nnunetv2_proto.training.budgets import SemiSupervisedCpuBudgetMixin
+from nnunetv2_proto.training.schedules import MPER_SEMI_SUPERVISED_PHASES, PhasePlan
+from nnunetv2_proto.training.semi_supervised import SemiSupervisedMixin
 
 
 class nnUNetTrainerMPERSemi(SemiSupervisedMixin, nnUNetTrainerMPER):
     """Base of the semi-supervised MPER variants; pick one that says how many cases are labelled."""
 
-    def build_objective(self) -> MPERObjective:
-        return MPERObjective(self.mixed_batch_loss(), WeightedDiceCE(), self.label_layout,
-                             self.mper_config.temperature, self.weight_prototype_seg, self.weight_ppc,
-                             self.weight_ppd, self.weight_consistency, self.consistency_kind,
-                             voxel_targets=lambda target: (target.labels, target.weights))
+    # one plan for both: prototypes are initialised and ramped in as self-training starts
+    phase_plan: PhasePlan = MPER_SEMI_SUPERVISED_PHASES
 
-    def voxel_targets(self, target):
-        return target.labels, target.weights > 0, target.update_mask
+    def build_objective(self) -> MPERObjective:
+        return self.mper_objective(self.mixed_batch_loss(), WeightedDiceCE())
 
 
 class nnUNetTrainerMPERSemi_3labeled(nnUNetTrainerMPERSemi):
@@ -51,6 +49,5 @@ class nnUNetTrainerMPERSemi_labeledList(nnUNetTrainerMPERSemi):
     labeled_list_file = LABELED_LIST_FILE
 
 
-class nnUNetTrainerMPERSemi_8labeled_cpuBudget(CpuBudgetMixin, nnUNetTrainerMPERSemi_8labeled):
-    # 10% of 200 iterations would hand self-training to a teacher trained for 20 steps
-    warmup_fraction = 0.3
+class nnUNetTrainerMPERSemi_8labeled_cpuBudget(SemiSupervisedCpuBudgetMixin, nnUNetTrainerMPERSemi_8labeled):
+    pass

@@ -1,34 +1,33 @@
 """nnUNetTrainerSIPL: the final 1x1 conv becomes SIPL's IPL head, guided by SMG pseudo masks.
 
 Loss: nnU-Net's own (deep supervision unchanged) + alpha * sum over SMG layers of Dice+CE of
-the pseudo masks. The SMG filter threshold tau rises from 0.1 to 0.5 over the first 5% of
-training (epoch 50 of nnU-Net's 1000, as in the paper) and is held in a network buffer,
-so checkpoints and ``--c`` carry it.
+the pseudo masks. The SMG filter threshold tau follows ``tau_schedule`` (0.1 rising to 0.5 over
+the first 5% of training, epoch 50 of nnU-Net's 1000, as in the paper) and is held in a network
+buffer, so checkpoints and ``--c`` carry it.
 """
 
 from __future__ import annotations
 
-from nnunetv2_proto.heads.mask_generator import sipl_tau
+from dataclasses import replace
+
 from nnunetv2_proto.losses import SIPLObjective
 from nnunetv2_proto.networks.sipl import SIPLConfig
-from nnunetv2_proto.trainers.proto_cpu_budget import CpuBudgetLongMixin, CpuBudgetMixin
-from nnunetv2_proto.trainers.proto_trainer_base import PrototypeTrainerBase
+from nnunetv2_proto.training.budgets import CpuBudgetLongMixin, CpuBudgetMixin
+from nnunetv2_proto.training.schedules import SIPL_TAU, TauSchedule
+from nnunetv2_proto.training.trainer_base import PrototypeTrainerBase
 
 
 class nnUNetTrainerSIPL(PrototypeTrainerBase):
     head_kind = "sipl"
     sipl_config = SIPLConfig()
     aux_loss_weight = 0.05
-    tau_start = 0.1
-    tau_end = 0.5
-    tau_ramp_fraction = 50 / 1000
+    tau_schedule: TauSchedule = SIPL_TAU
 
     def head_config(self) -> SIPLConfig:
         return self.sipl_config
 
     def current_tau(self) -> float:
-        ramp_epochs = max(self.tau_ramp_fraction * self.num_epochs, 1e-8)
-        return sipl_tau(self.current_epoch, ramp_epochs, self.tau_start, self.tau_end)
+        return self.tau_schedule.tau(self.current_epoch, self.num_epochs)
 
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
@@ -61,7 +60,7 @@ class nnUNetTrainerSIPL_64q(nnUNetTrainerSIPL):
 
 class nnUNetTrainerSIPL_fixedTau(nnUNetTrainerSIPL):
     """Constant tau = 0.5 (the paper's best constant threshold) instead of the 0.1 -> 0.5 ramp."""
-    tau_start = 0.5
+    tau_schedule = replace(SIPL_TAU, start=0.5)
 
 
 class nnUNetTrainerSIPL_dynamicHead(nnUNetTrainerSIPL):

@@ -1,6 +1,6 @@
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunetv2_proto.trainers.proto_cpu_budget import CpuBudgetLongMixin, CpuBudgetMixin
+from nnunetv2_proto.training.budgets import CpuBudgetLongMixin, CpuBudgetMixin
 
 
 class nnUNetTrainer_cpuBudget(CpuBudgetMixin, nnUNetTrainer):

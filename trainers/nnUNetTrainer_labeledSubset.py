@@ -1,15 +1,15 @@
 """Vanilla nnU-Net on the labelled subset only: the lower bound of every semi-supervised comparison.
 
 ``_<N>labeled`` takes N cases of the fold's training split by a seeded choice (recorded in
-fold_X/labeled_cases.json); ``_labeledList`` reads nnUNet_preprocessed/<dataset>/labeled_cases.json
+fold_X/labeled_split.json); ``_labeledList`` reads nnUNet_preprocessed/<dataset>/labeled_cases.json
 (a list, or {"<fold>": [...]}) -- use it for protocols that count patients, like ACDC's.
 """
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_proto.semi.labeled_subset import LABELED_LIST_FILE
-from nnunetv2_proto.trainers.proto_cpu_budget import CpuBudgetMixin
-from nnunetv2_proto.trainers.proto_semi_supervised import LabeledSubsetMixin
+from nnunetv2_proto.training.budgets import CpuBudgetMixin
+from nnunetv2_proto.training.semi_supervised import LabeledSubsetMixin
 
 
 class nnUNetTrainer_3labeled(LabeledSubsetMixin, nnUNetTrainer):

@@ -10,11 +10,6 @@ from torch import nn
 from nnunetv2_proto.heads.kmeans_decoder import KMeansDecoderLayer
 
 
-def sipl_tau(epoch: int, ramp_epochs: float = 50.0, start: float = 0.1, end: float = 0.5) -> float:
-    """The filter threshold schedule: ``start`` rising linearly to ``end`` at ``ramp_epochs``."""
-    return min(epoch / ramp_epochs, 1.0) * (end - start) + start
-
-
 class SelfSupervisedMaskGenerator(nn.Module):
     """N learnable queries refined by ``layers_per_stage`` k-means layers per decoder stage.
 
@@ -25,7 +20,7 @@ class SelfSupervisedMaskGenerator(nn.Module):
     """
 
     def __init__(self, conv_op: type, stage_channels: Sequence[int], num_classes: int, num_queries: int = 32,
-                 query_dim: int = 64, layers_per_stage: int = 2, num_heads: int = 8):
+                 query_dim: int = 64, layers_per_stage: int = 2, num_heads: int = 8, initial_tau: float = 0.1):
         super().__init__()
         self.layers_per_stage = layers_per_stage
         self.num_stages = len(stage_channels)
@@ -34,7 +29,7 @@ class SelfSupervisedMaskGenerator(nn.Module):
             KMeansDecoderLayer(conv_op, channels, query_dim, num_classes, num_heads)
             for channels in stage_channels for _ in range(layers_per_stage)
         ])
-        self.register_buffer("tau", torch.tensor(sipl_tau(0)))
+        self.register_buffer("tau", torch.tensor(initial_tau))
 
     def set_tau(self, value: float) -> None:
         self.tau.fill_(value)

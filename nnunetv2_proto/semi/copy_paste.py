@@ -9,16 +9,9 @@ patch" keeps every voxel's image, label and weight together.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
-
-
-class MixedTarget(NamedTuple):
-    """Full-resolution targets of a copy-paste batch."""
-    labels: torch.Tensor       # (B, *s) class per voxel: ground truth or teacher pseudo label
-    weights: torch.Tensor      # (B, *s) loss weight: 1 from labelled patches, u from unlabelled ones, 0 ignored
-    update_mask: torch.Tensor  # (B, *s) voxels allowed to move prototypes (labelled, or confident pseudo label)
 
 
 def cuboid_masks(count: int, spatial_shape: Sequence[int], fraction: float = 2 / 3,

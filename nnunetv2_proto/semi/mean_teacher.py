@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import copy
 
+import cc3d
 import numpy as np
 import torch
-from scipy import ndimage
 from torch import nn
 
 
@@ -29,13 +29,17 @@ def ema_update_(teacher: nn.Module, student: nn.Module, decay: float) -> None:
 
 
 def largest_component(labels: torch.Tensor) -> torch.Tensor:
-    """Keep, per sample, only the largest connected foreground component (single-structure datasets)."""
+    """Keep, per sample, only the largest connected foreground component (single-structure datasets).
+
+    Face connectivity (6 in 3D, 4 in 2D), ties to the component met first in raster order, as
+    scipy's ``ndimage.label``; cc3d (an nnU-Net dependency) labels faster.
+    """
     out = np.zeros(labels.shape, dtype=np.int64)
     array = labels.cpu().numpy()
-    for b in range(array.shape[0]):  # per sample: scipy labels one volume at a time
-        components, count = ndimage.label(array[b] > 0)
-        if count:
-            sizes = np.bincount(components.ravel())[1:]
-            keep = components == (np.argmax(sizes) + 1)
-            out[b] = np.where(keep, array[b], 0)
+    connectivity = 6 if array.ndim == 4 else 4
+    for b in range(array.shape[0]):  # per sample: one volume at a time
+        components = cc3d.connected_components(array[b] > 0, connectivity=connectivity)
+        sizes = np.bincount(components.ravel())[1:]
+        if sizes.size:
+            out[b] = np.where(components == np.argmax(sizes) + 1, array[b], 0)
     return torch.from_numpy(out).to(labels.device)

@@ -1,8 +1,12 @@
 """What the plugin's trainers share.
 
 ``ExtensibleTrainerMixin`` (any nnUNetTrainer): nnU-Net's training step split into hooks
-(``training_inputs``, ``forward_and_loss``, ``after_optimizer_step``), loss-part logging, and
-checkpoint state beyond network/optimizer that ``--c`` must restore.
+(``training_inputs``, ``voxel_target``, ``forward_and_loss``, ``after_optimizer_step``), loss-part
+logging, checkpoint state beyond network/optimizer that ``--c`` must restore, and
+``enter_steady_state`` (the phase a profiler should time).
+
+``PhasedTrainerMixin``: a warm-up and a main phase from the trainer's ``PhasePlan``
+(``training.schedules``).
 
 ``PrototypeTrainerBase``: building the network from the plans' head spec, the head's
 auxiliary outputs in the loss, and a clear error when ``--c`` meets a checkpoint written
@@ -11,6 +15,7 @@ with a different head.
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
@@ -25,7 +30,9 @@ from nnunetv2.utilities.helpers import dummy_context
 
 from nnunetv2_proto.environment import SetupError
 from nnunetv2_proto.label_layout import LabelLayout
+from nnunetv2_proto.losses import VoxelTarget, as_voxel_target
 from nnunetv2_proto.networks import HEAD_SPEC_KEY, attach_head_spec, build_from_plans, head_spec
+from nnunetv2_proto.training.schedules import PhasePlan
 
 EXTRA_STATE_KEY = "nnunetv2_proto_state"
 
@@ -46,6 +53,12 @@ class ExtensibleTrainerMixin:
     def core_network(self) -> nn.Module:
         return unwrap(self.network)
 
+    @cached_property
+    def label_layout(self) -> LabelLayout:
+        """The exclusive-class view of the labels (built on first use: plain nnU-Net training never needs it,
+        so a layout the heads cannot serve stops only the trainers that do)."""
+        return LabelLayout.from_label_manager(self.label_manager)
+
     def build_objective(self) -> Optional[nn.Module]:
         """The training loss as a library module wrapping nnU-Net's loss (``self.loss``); None: no extra."""
         return None
@@ -62,20 +75,30 @@ class ExtensibleTrainerMixin:
             else target.to(self.device, non_blocking=True)
         return data, target
 
-    def forward_and_loss(self, data: torch.Tensor, target) -> Tuple[torch.Tensor, Dict[str, Any], Optional[Any]]:
+    def voxel_target(self, target) -> Optional[VoxelTarget]:
+        """The step's exclusive-class target, built once for every loss and update that needs it; None: unused."""
+        return None
+
+    def forward_and_loss(self, data: torch.Tensor, target, voxels: Optional[VoxelTarget]
+                         ) -> Tuple[torch.Tensor, Dict[str, Any], Optional[Any]]:
         """(loss, named loss parts for the log, auxiliary outputs for ``after_optimizer_step``)."""
         loss = self.loss(self.network(data), target)
         return loss, {"seg": loss}, None
 
-    def after_optimizer_step(self, aux, target) -> None:
+    def after_optimizer_step(self, aux, voxels: Optional[VoxelTarget]) -> None:
         """Gradient-free updates after each step (prototype EMA, teacher EMA)."""
+
+    def enter_steady_state(self) -> None:
+        """Put the trainer into the phase it spends most steps in, for profiling (``benchmark-heads``):
+        extend with super() where a family has phases (prototypes initialised, a teacher)."""
 
     def train_step(self, batch: dict) -> dict:
         data, target = self.training_inputs(batch)
+        voxels = self.voxel_target(target)
         self.optimizer.zero_grad(set_to_none=True)
         # nnU-Net autocasts on CUDA only (CPU autocast is slow, MPS unsupported)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            loss, parts, aux = self.forward_and_loss(data, target)
+            loss, parts, aux = self.forward_and_loss(data, target, voxels)
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
             self.grad_scaler.unscale_(self.optimizer)
@@ -87,7 +110,7 @@ class ExtensibleTrainerMixin:
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
             self.optimizer.step()
         with torch.no_grad():
-            self.after_optimizer_step(aux, target)
+            self.after_optimizer_step(aux, voxels)
         result = {"loss": loss.detach().cpu().numpy()}
         result.update({f"part_{k}": float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in parts.items()})
         return result
@@ -128,13 +151,30 @@ class ExtensibleTrainerMixin:
         self.load_extra_checkpoint_state(checkpoint.get(EXTRA_STATE_KEY, {}))
 
 
+class PhasedTrainerMixin:
+    """A warm-up, then the method's main phase, by epoch (so ``--c`` resumes in the right one)."""
+
+    phase_plan: PhasePlan
+
+    @property
+    def warmup_epochs(self) -> int:
+        return self.phase_plan.warmup_epochs(self.num_epochs)
+
+    @property
+    def in_main_phase(self) -> bool:
+        return self.phase_plan.in_main_phase(self.current_epoch, self.num_epochs)
+
+    def enter_steady_state(self) -> None:
+        super().enter_steady_state()
+        self.current_epoch = self.warmup_epochs
+
+
 class PrototypeTrainerBase(ExtensibleTrainerMixin, nnUNetTrainer):
     head_kind: str = ""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.label_layout = LabelLayout.from_label_manager(self.label_manager)
         attach_head_spec(self.plans_manager, configuration, self.configuration_manager,
                          head_spec(self.head_kind, self.label_layout, self.head_config()))
 
@@ -153,12 +193,15 @@ class PrototypeTrainerBase(ExtensibleTrainerMixin, nnUNetTrainer):
         """nnU-Net's segmentation loss for one (full-resolution) output, without deep supervision weights."""
         return self.loss.loss if isinstance(self.loss, DeepSupervisionWrapper) else self.loss
 
-    def compute_loss(self, output, aux, target) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        return self.objective(output, aux, target)
+    def voxel_target(self, target) -> VoxelTarget:
+        return as_voxel_target(self.label_layout, target)
 
-    def forward_and_loss(self, data, target):
+    def compute_loss(self, output, aux, target, voxels: VoxelTarget) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        return self.objective(output, aux, target, voxels)
+
+    def forward_and_loss(self, data, target, voxels):
         output, aux = self.network(data, return_aux=True)
-        loss, parts = self.compute_loss(output, aux, target)
+        loss, parts = self.compute_loss(output, aux, target, voxels)
         return loss, parts, aux
 
     def check_checkpoint(self, checkpoint: dict, source: str) -> None:

@@ -2,13 +2,13 @@
 
 ``LabeledSubsetMixin``: a fold's training cases split into labelled (seeded choice of
 ``num_labeled`` cases, or an explicit list file) and unlabelled; written to
-``fold_X/labeled_cases.json`` and kept in the checkpoint (``--c`` refuses a different split).
+``fold_X/labeled_split.json`` and kept in the checkpoint (``--c`` refuses a different split).
 Alone it trains on the labelled cases only: the supervised lower bound.
 
 ``SemiSupervisedMixin`` adds the unlabelled cases: a second stream through nnU-Net's own
 augmentation that reads images only (never labels, no foreground oversampling), a mean
-teacher, and bidirectional copy-paste (BCP). Phases by epoch:
-1. warm-up (``warmup_fraction`` of epochs): copy-paste among labelled patches;
+teacher, and bidirectional copy-paste (BCP). Phases by epoch (``phase_plan``):
+1. warm-up: copy-paste among labelled patches;
 2. self-training: the teacher (initialised from the warmed-up student, then EMA) labels the
    unlabelled patches; labelled and unlabelled patches are pasted into each other both ways;
    voxels from unlabelled patches weigh ``unlabeled_weight`` in the loss.
@@ -34,16 +34,17 @@ from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
 
 from nnunetv2_proto.environment import SetupError
-from nnunetv2_proto.label_layout import LabelLayout, full_resolution
-from nnunetv2_proto.losses import WeightedDiceCE
-from nnunetv2_proto.semi.copy_paste import MixedTarget, bidirectional_pairs, copy_paste, cuboid_masks, swapped_pairs
+from nnunetv2_proto.losses import VoxelTarget, WeightedDiceCE
+from nnunetv2_proto.semi.copy_paste import bidirectional_pairs, copy_paste, cuboid_masks, swapped_pairs
 from nnunetv2_proto.semi.image_only_dataset import ImageOnlyDataset
 from nnunetv2_proto.semi.labeled_subset import (labeled_subset_from_file, seeded_labeled_subset,
                                                 split_labeled)
 from nnunetv2_proto.semi.mean_teacher import ema_update_, largest_component, make_teacher
-from nnunetv2_proto.trainers.proto_trainer_base import ExtensibleTrainerMixin
+from nnunetv2_proto.training.schedules import SEMI_SUPERVISED_PHASES, PhasePlan
+from nnunetv2_proto.training.trainer_base import ExtensibleTrainerMixin, PhasedTrainerMixin
 
-SPLIT_RECORD = "labeled_cases.json"
+# this run's labelled / unlabelled cases (the user's input list is semi.labeled_subset.LABELED_LIST_FILE)
+SPLIT_RECORD = "labeled_split.json"
 
 
 class LabeledSubsetMixin(ExtensibleTrainerMixin):
@@ -116,8 +117,8 @@ class PairedLoader:
                 loader._finish()
 
 
-class SemiSupervisedMixin(LabeledSubsetMixin):
-    warmup_fraction = 0.1
+class SemiSupervisedMixin(PhasedTrainerMixin, LabeledSubsetMixin):
+    phase_plan: PhasePlan = SEMI_SUPERVISED_PHASES
     teacher_decay = 0.99
     unlabeled_weight = 0.5
     copy_paste_fraction = 2 / 3
@@ -134,7 +135,6 @@ class SemiSupervisedMixin(LabeledSubsetMixin):
         if self.is_cascaded:
             raise SetupError("semi-supervised trainers do not support the cascade's second stage",
                              "train 3d_fullres, 3d_lowres, 2d or a CPU preset instead")
-        self.label_layout = LabelLayout.from_label_manager(self.label_manager)
         self.teacher: Optional[torch.nn.Module] = None
         if self.largest_component is None:
             self.largest_component = len(self.label_manager.foreground_labels) == 1
@@ -148,12 +148,12 @@ class SemiSupervisedMixin(LabeledSubsetMixin):
                 "use a configuration with batch size >= 2 per GPU (edit batch_size in the plans, or use fewer GPUs)")
 
     @property
-    def warmup_epochs(self) -> int:
-        return max(1, round(self.warmup_fraction * self.num_epochs))
-
-    @property
     def in_self_training(self) -> bool:
-        return self.current_epoch >= self.warmup_epochs
+        return self.in_main_phase
+
+    def enter_steady_state(self) -> None:
+        super().enter_steady_state()
+        self.teacher = make_teacher(self.core_network)
 
     # --- data --------------------------------------------------------------------------------
     def get_dataloaders(self):
@@ -208,15 +208,15 @@ class SemiSupervisedMixin(LabeledSubsetMixin):
             labels = largest_component(labels)
         return labels, confidence
 
-    def after_optimizer_step(self, aux, target) -> None:
-        super().after_optimizer_step(aux, target)
+    def after_optimizer_step(self, aux, voxels) -> None:
+        super().after_optimizer_step(aux, voxels)
         if self.teacher is not None:
             ema_update_(self.teacher, self.core_network, self.teacher_decay)
 
     # --- copy-paste batches ----------------------------------------------------------------
     def training_inputs(self, batch: dict):
         data, target = super().training_inputs(batch["labeled"])
-        labels, valid = self.label_layout.exclusive_target(full_resolution(target))
+        labels, valid, _ = VoxelTarget.from_nnunet_target(self.label_layout, target)
         pairs = 2 * (data.shape[0] // 2)
         data, labels, valid = data[:pairs], labels[:pairs], valid[:pairs].float()
         masks = cuboid_masks(pairs, data.shape[2:], self.copy_paste_fraction, device=data.device)
@@ -224,14 +224,17 @@ class SemiSupervisedMixin(LabeledSubsetMixin):
             images = copy_paste(data, swapped_pairs(data), masks)
             mixed_labels = copy_paste(labels, swapped_pairs(labels), masks)
             weights = copy_paste(valid, swapped_pairs(valid), masks)
-            return images, MixedTarget(mixed_labels, weights, weights > 0)
+            return images, VoxelTarget(mixed_labels, weights, weights > 0)
         unlabeled = batch["unlabeled"]["data"][:pairs].to(self.device, non_blocking=True)
         pseudo, confidence = self.pseudo_labels(unlabeled)
         images = copy_paste(*bidirectional_pairs(data, unlabeled), masks)
         mixed_labels = copy_paste(*bidirectional_pairs(labels, pseudo), masks)
         weights = copy_paste(*bidirectional_pairs(valid, torch.full_like(valid, self.unlabeled_weight)), masks)
         trusted = copy_paste(*bidirectional_pairs(valid > 0, confidence > self.confidence_threshold), masks)
-        return images, MixedTarget(mixed_labels, weights, trusted)
+        return images, VoxelTarget(mixed_labels, weights, trusted)
+
+    def voxel_target(self, target: VoxelTarget) -> VoxelTarget:
+        return target  # copy-paste batches come with their voxel target
 
     def mixed_batch_loss(self) -> WeightedDiceCE:
         factors = self.loss.weight_factors if isinstance(self.loss, DeepSupervisionWrapper) else None

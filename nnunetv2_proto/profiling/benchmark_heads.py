@@ -7,7 +7,7 @@ prototype trainers -- its objective. Only the data differ: synthetic batches of 
 patch and batch size, so full-size configurations can be benchmarked before (or without)
 preprocessing. The timed step is the trainer's own ``train_step`` (forward, loss, backward,
 optimiser, prototype EMA, teacher EMA) in each trainer's costliest phase (MPER with initialised
-prototypes, semi-supervised trainers in self-training). Results are medians
+prototypes, semi-supervised trainers in self-training: each family's ``enter_steady_state``). Results are medians
 over repeats after warm-up, taken round-robin across trainers, with ratios to the baseline
 measured in the same run.
 """
@@ -25,6 +25,9 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
+
+from nnunetv2_proto.training.semi_supervised import SemiSupervisedMixin
+from nnunetv2_proto.training.trainer_base import ExtensibleTrainerMixin
 
 
 def _rss_bytes() -> int:
@@ -50,7 +53,7 @@ def prepare_like_initialize(trainer) -> None:
         trainer.label_manager.num_segmentation_heads, trainer.enable_deep_supervision).to(trainer.device)
     trainer.optimizer, trainer.lr_scheduler = trainer.configure_optimizers()
     trainer.loss = trainer._build_loss()
-    if hasattr(trainer, "build_objective"):  # the plugin's trainers wrap nnU-Net's loss in an objective
+    if isinstance(trainer, ExtensibleTrainerMixin):  # the plugin's trainers wrap nnU-Net's loss in an objective
         trainer.objective = trainer.build_objective()
     trainer.was_initialized = True
 
@@ -75,22 +78,6 @@ def synthetic_batch(trainer, generator: torch.Generator) -> dict:
     return {"data": data, "target": targets}
 
 
-def _enter_costliest_phase(trainer) -> None:
-    """Measure what training spends most of its steps on: MPER's prototype phase (prototypes
-    initialised) and, for semi-supervised trainers, self-training with a teacher."""
-    from nnunetv2_proto.semi.mean_teacher import make_teacher
-    from torch.nn.parallel import DistributedDataParallel
-    network = trainer.network.module if isinstance(trainer.network, DistributedDataParallel) else trainer.network
-    if hasattr(trainer, "warmup_epochs"):
-        trainer.current_epoch = trainer.warmup_epochs
-    if hasattr(trainer, "pseudo_labels"):
-        trainer.teacher = make_teacher(network)
-    classifier = getattr(network, "classifier", None)
-    if classifier is not None:
-        dim = classifier.prototypes.shape[-1]
-        classifier.initialize_classes([torch.randn(64, dim) for _ in range(classifier.num_classes)])
-
-
 class MeasuredTrainer:
     """One trainer set up for measurement inside its own process."""
 
@@ -112,11 +99,12 @@ class MeasuredTrainer:
             os.environ["nnUNet_results"] = results_dir  # the trainer writes its log there, not in the user's folders
             self.trainer = trainer_class(plans, configuration, 0, dataset_json, self.device)
             prepare_like_initialize(self.trainer)
-            _enter_costliest_phase(self.trainer)
+            if isinstance(self.trainer, ExtensibleTrainerMixin):
+                self.trainer.enter_steady_state()  # e.g. MPER's prototypes initialised, a teacher self-training
         self.trainer.network.train()
         generator = torch.Generator().manual_seed(0)
         self.batches = [synthetic_batch(self.trainer, generator) for _ in range(2)]
-        if hasattr(self.trainer, "pseudo_labels"):  # semi-supervised: a labelled and an unlabelled stream
+        if isinstance(self.trainer, SemiSupervisedMixin):  # a labelled and an unlabelled stream
             self.batches = [{"labeled": self.batches[i], "unlabeled": self.batches[1 - i]} for i in range(2)]
         self.inference_input = synthetic_batch(self.trainer, generator)["data"][:1]
         self.calls = 0

@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from os.path import join
 from typing import List
 
 import numpy as np
 import torch
+
+from nnunetv2_proto.training.schedules import CPU_BUDGET_SEMI_SUPERVISED_WARMUP
 
 CPU_BUDGET_EPOCHS = 20
 CPU_BUDGET_ITERATIONS_PER_EPOCH = 10
@@ -83,3 +86,13 @@ class CpuBudgetLongMixin(CpuBudgetMixin):
 
     budget_epochs = LONG_CPU_BUDGET_EPOCHS
     budget_iterations_per_epoch = LONG_CPU_BUDGET_ITERATIONS_PER_EPOCH
+
+
+class SemiSupervisedCpuBudgetMixin(CpuBudgetMixin):
+    """The CPU budget for the semi-supervised families, with the longer warm-up that budget needs
+    (``schedules.CPU_BUDGET_SEMI_SUPERVISED_WARMUP``)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.phase_plan = replace(self.phase_plan, warmup_fraction=CPU_BUDGET_SEMI_SUPERVISED_WARMUP)
