@@ -185,25 +185,38 @@ class MPERObjective(torch.nn.Module):
         return self.total(linear, parts, prototype_weight), {"seg": linear, **parts, "lambda": prototype_weight}
 
 
-class WeightedDiceCE(torch.nn.Module):
-    """Dice + CE with per-voxel weights on a full-resolution output, for copy-paste batches.
+class VoxelWeightedDiceCE(torch.nn.Module):
+    """nnU-Net's own Dice + CE (softmax layouts) with per-voxel weights, for copy-paste batches.
 
-    ``target`` is a ``VoxelTarget`` (labels and weights at full resolution); with a list of
-    outputs (deep supervision) each is scored against the labels and weights downsampled to its
-    size and weighted by nnU-Net's deep-supervision factors.
+    Built from the trainer's nnU-Net loss (``DC_and_CE_loss``, inside nnU-Net's deep-supervision
+    wrapper or not), so batch Dice, background handling, smoothing, DDP gathering and the
+    deep-supervision weights are the plans' own. The weights are nnU-Net's Dice loss mask (they
+    enter every sum once, linearly) and weight the cross-entropy's mean; ignored voxels weigh 0.
+    With every weight 1 this is nnU-Net's loss on the same batch. ``target`` is a ``VoxelTarget``
+    at full resolution; each deep-supervision output gets it downsampled as nnU-Net does.
     """
 
-    def __init__(self, deep_supervision_weights=None):
+    def __init__(self, nnunet_loss: torch.nn.Module):
         super().__init__()
-        self.deep_supervision_weights = deep_supervision_weights
+        wrapped = hasattr(nnunet_loss, "weight_factors")
+        self.deep_supervision_weights = nnunet_loss.weight_factors if wrapped else None
+        self.dice_ce = nnunet_loss.loss if wrapped else nnunet_loss
+        if not hasattr(self.dice_ce, "dc") or not hasattr(self.dice_ce, "weight_ce"):
+            raise TypeError(f"expected nnU-Net's DC_and_CE_loss (softmax layouts), got {type(self.dice_ce).__name__}")
 
-    def forward(self, outputs, target):
+    def single_output(self, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        weights = weights.float()
+        dice = self.dice_ce.dc(logits, labels.unsqueeze(1), loss_mask=weights.unsqueeze(1))
+        ce = F.cross_entropy(logits.float(), labels, reduction="none")
+        ce = (ce * weights).sum() / weights.sum().clamp_min(1e-8)
+        return self.dice_ce.weight_ce * ce + self.dice_ce.weight_dice * dice
+
+    def forward(self, outputs, target: VoxelTarget) -> torch.Tensor:
         if not isinstance(outputs, (list, tuple)):
-            return dice_ce_loss(outputs, target.labels, target.weights)
-        total = outputs[0].new_zeros((), dtype=torch.float32)
+            return self.single_output(outputs, target.labels, target.weights)
+        total = 0
         for factor, output in zip(self.deep_supervision_weights, outputs):
-            if factor == 0:
-                continue
-            labels, weights = downsample_labels(target.labels, target.weights, output.shape[2:])
-            total = total + factor * dice_ce_loss(output, labels, weights)
+            if factor != 0:  # as nnU-Net's wrapper: unused outputs are not even evaluated
+                labels, weights = downsample_labels(target.labels, target.weights, output.shape[2:])
+                total = total + factor * self.single_output(output, labels, weights)
         return total

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from conftest import small_unet
 from nnunetv2_proto.heads.multi_prototype import MultiPrototypeClassifier
 from nnunetv2_proto.label_layout import LabelLayout
-from nnunetv2_proto.losses import FullResolutionTarget, MPERObjective, SIPLObjective, VoxelTarget, WeightedDiceCE
+from nnunetv2_proto.losses import FullResolutionTarget, MPERObjective, SIPLObjective, VoxelTarget, VoxelWeightedDiceCE
 from nnunetv2_proto.semi.copy_paste import bidirectional_pairs, copy_paste, cuboid_masks, swapped_pairs
 from nnunetv2_proto.networks import MPERConfig, MPERNetwork, SIPLConfig, SIPLNetwork
 
@@ -120,8 +120,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     # 4) semi-supervised MPER: copy-paste warm-up, then self-training with weighted pseudo labels
     torch.manual_seed(7)
     semi = DistributedDataParallel(MPERNetwork(small_unet(2, 3, stages=5), LabelLayout(3), MPERConfig(2)))
-    _, ds_loss = nnunet_loss(ddp=True, batch_dice=True, num_outputs=4)
-    mixed_objective = MPERObjective(WeightedDiceCE(ds_loss.weight_factors), WeightedDiceCE(), LabelLayout(3))
+    full_loss, ds_loss = nnunet_loss(ddp=True, batch_dice=True, num_outputs=4)
+    mixed_objective = MPERObjective(VoxelWeightedDiceCE(ds_loss), VoxelWeightedDiceCE(full_loss), LabelLayout(3))
     core_semi = semi.module
     core_semi.classifier.initialize_classes([torch.randn(20, 8) for _ in range(3)])
 

@@ -343,3 +343,12 @@ def test_training_steps_match_the_recorded_behaviour(workspace, trainer, monkeyp
     assert set(measured["weight_sums"]) == set(expected["weight_sums"])
     for key, value in expected["weight_sums"].items():
         assert measured["weight_sums"][key] == pytest.approx(value, rel=1e-4, abs=1e-5), (trainer, key)
+
+
+def test_sipl_training_log_shows_its_diagnostics_every_epoch(workspace):
+    folder = output_folder(workspace["env"], "nnUNetTrainerSIPL_testBudget")
+    log = "\n".join(p.read_text() for p in folder.glob("training_log_*.txt"))
+    lines = [line for line in log.splitlines() if "SIPL diagnostics:" in line]
+    assert len(lines) == 3  # one per epoch
+    assert all("SMG pseudo-mask Dice (last layer, validation) [" in line and "filter keeps" in line
+               and "proposal norms: instance" in line for line in lines)

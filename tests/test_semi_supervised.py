@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -81,3 +82,69 @@ def test_largest_component_keeps_only_the_biggest_blob():
     labels[0, 5:9, 5:9] = 1   # 16 pixels
     kept = largest_component(labels)
     assert int(kept.sum()) == 16 and int(kept[0, 1, 1]) == 0
+
+
+def nnunet_dice_ce(batch_dice: bool, ignore_label=None, outputs: int = 4):
+    """nnU-Net's softmax loss exactly as nnUNetTrainer._build_loss makes it (single process)."""
+    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+    from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+    loss = DC_and_CE_loss({"batch_dice": batch_dice, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
+                          weight_ce=1, weight_dice=1, ignore_label=ignore_label, dice_class=MemoryEfficientSoftDiceLoss)
+    weights = np.array([1 / 2 ** i for i in range(outputs)])
+    weights[-1] = 0
+    return loss, DeepSupervisionWrapper(loss, weights / weights.sum())
+
+
+@pytest.mark.parametrize("batch_dice", [False, True])
+@pytest.mark.parametrize("ignore_label", [None, 3])
+def test_weighted_loss_with_unit_weights_is_nnunets_loss(batch_dice, ignore_label):
+    """The semi-supervised trainers' loss = nnU-Net's (batch Dice, no background Dice, deep supervision
+    weights, ignore label) when every voxel weighs 1: values and gradients."""
+    from torch.nn import functional as F
+    from nnunetv2_proto.label_layout import LabelLayout
+    from nnunetv2_proto.losses import VoxelTarget, VoxelWeightedDiceCE
+    generator = torch.Generator().manual_seed(3)
+    sizes = [(16, 20, 24), (8, 10, 12), (4, 5, 6), (2, 3, 3)]
+    logits = [torch.randn(2, 3, *s, generator=generator, requires_grad=True) for s in sizes]
+    target = torch.randint(0, 3 if ignore_label is None else 4, (2, 1, *sizes[0]), generator=generator).float()
+    targets = [target] + [F.interpolate(target, size=s, mode="nearest-exact") for s in sizes[1:]]
+    _, nnunet_loss = nnunet_dice_ce(batch_dice, ignore_label)
+    theirs = nnunet_loss(logits, targets)
+    their_grads = torch.autograd.grad(theirs, logits[:3])  # the coarsest output has weight 0
+    layout = LabelLayout(3, ignore_label=ignore_label)
+    voxels = VoxelTarget.from_nnunet_target(layout, targets)
+    ours = VoxelWeightedDiceCE(nnunet_loss)(logits, VoxelTarget(voxels.labels, voxels.valid.float()))
+    our_grads = torch.autograd.grad(ours, logits[:3])
+    assert float(ours.detach()) == pytest.approx(float(theirs.detach()), rel=1e-6, abs=1e-7)
+    for a, b in zip(our_grads, their_grads):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-9)
+
+
+def test_weights_enter_the_dice_linearly():
+    """Weight 0.5 on every voxel is the same Dice as weight 1 (it cancels), not a squared weight."""
+    from nnunetv2_proto.losses import VoxelTarget, VoxelWeightedDiceCE
+    generator = torch.Generator().manual_seed(4)
+    logits = torch.randn(2, 3, 8, 8, 8, generator=generator)
+    labels = torch.randint(0, 3, (2, 8, 8, 8), generator=generator)
+    loss, _ = nnunet_dice_ce(batch_dice=True)
+    objective = VoxelWeightedDiceCE(loss)
+    full = objective(logits, VoxelTarget(labels, torch.ones(labels.shape)))
+    half = objective(logits, VoxelTarget(labels, torch.full(labels.shape, 0.5)))
+    assert float(half) == pytest.approx(float(full), rel=1e-5)
+
+
+def test_foreground_removed_by_the_component_filter_is_not_confident():
+    from types import SimpleNamespace
+    from nnunetv2_proto.training.semi_supervised import SemiSupervisedMixin
+    logits = torch.full((1, 2, 1, 12, 12), -4.0)
+    logits[:, 1, :, 1:4, 1:4] = 4.0    # a small blob, confidently foreground
+    logits[:, 1, :, 6:11, 6:11] = 4.0  # the largest component
+    logits[:, 0] = -logits[:, 1]
+    teacher = lambda images: logits  # noqa: E731  (stands for the teacher network)
+    teacher.decoder = SimpleNamespace(deep_supervision=False)
+    trainer = SimpleNamespace(teacher=teacher, device=torch.device("cpu"), largest_component=True)
+    labels, confidence = SemiSupervisedMixin.pseudo_labels(trainer, None)
+    assert labels[0, 0, 2, 2] == 0 and confidence[0, 0, 2, 2] == 0.0   # removed: label 0, not confident
+    assert labels[0, 0, 8, 8] == 1 and confidence[0, 0, 8, 8] > 0.99
+    assert confidence[0, 0, 0, 11] > 0.99                               # true background stays confident

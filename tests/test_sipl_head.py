@@ -1,4 +1,5 @@
 import io
+import math
 
 import pytest
 import torch
@@ -193,3 +194,96 @@ def test_autocast_keeps_similarities_and_pseudo_masks_in_fp32(dim, shape):
         outputs, aux = network(torch.randn(2, 1, *shape), return_aux=True)
     assert all(p.dtype == torch.float32 for p in aux.pseudo_mask_logits)
     assert all(torch.isfinite(o.float()).all() for o in outputs)
+
+
+# --- issue: the SMG -> IPL path computes the same thing in training and inference -------------------
+def pseudo_masks(network, x, training: bool):
+    network.train(training)
+    with torch.no_grad():
+        _, aux = network(x, return_aux=True)
+    return [p.clone() for p in aux.pseudo_mask_logits]
+
+
+@pytest.mark.parametrize("filter_at_inference", [True, False])
+def test_the_filter_runs_identically_in_train_and_eval(filter_at_inference):
+    torch.manual_seed(5)
+    network = sipl(3, 3, config=SIPLConfig(num_queries=8, query_dim=16, num_heads=2, prototype_dim=16,
+                                           filter_at_inference=filter_at_inference))
+    network.head.smg.set_tau(0.5)  # a threshold that drops clusters of a random network
+    x = torch.randn(2, 1, 16, 32, 32)
+    trained, inferred = pseudo_masks(network, x, True), pseudo_masks(network, x, False)
+    # equal up to float rounding (eval mode takes PyTorch's fused attention path)
+    same = all(torch.allclose(a, b, atol=1e-5) and torch.equal(a.argmax(1), b.argmax(1))
+               for a, b in zip(trained, inferred))
+    assert same == filter_at_inference  # the legacy setting (filter in training only) must differ
+
+
+def test_a_stored_spec_without_the_new_fields_rebuilds_the_old_computation():
+    from nnunetv2_proto.networks import config_from_spec, normalized_spec
+    from dataclasses import asdict
+    stored = {k: v for k, v in asdict(SIPLConfig()).items() if k not in SIPLConfig.LEGACY_VALUES}
+    assert config_from_spec(SIPLConfig, stored).filter_at_inference is False
+    spec = {"kind": "sipl", "label_layout": LabelLayout(2).to_dict(), "config": stored}
+    assert normalized_spec(spec)["config"]["filter_at_inference"] is False
+    assert normalized_spec(spec) != normalized_spec({**spec, "config": asdict(SIPLConfig())})  # resume refused
+
+
+def test_prototypes_follow_the_masks_of_the_input():
+    """Instance adaptivity: other masks, other prototypes; without instance proposals, the same ones."""
+    from nnunetv2_proto.heads.instance_prototypes import PrototypeGenerator
+    torch.manual_seed(0)
+    features = torch.randn(2, 8, 4, 4, 4)
+    masks = torch.rand(2, 3, 8, 8, 8)
+    other = torch.rand(2, 3, 8, 8, 8)
+    adaptive = PrototypeGenerator(3, 8, 16)
+    assert not torch.allclose(adaptive(features, masks).prototypes, adaptive(features, other).prototypes)
+    fixed = PrototypeGenerator(3, 8, 16, use_instance_proposals=False)
+    assert torch.equal(fixed(features, masks).prototypes, fixed(features, other).prototypes)
+
+
+def test_mass_normalised_proposals_do_not_shrink_with_a_small_structure():
+    from nnunetv2_proto.heads.instance_prototypes import PrototypeGenerator
+    features = torch.ones(1, 4, 8, 8, 8)
+    small, large = torch.zeros(1, 2, 8, 8, 8), torch.zeros(1, 2, 8, 8, 8)
+    small[:, 1, :2, :2, :2], large[:, 1, :, :4] = 1, 1
+    plain, by_mass = PrototypeGenerator(2, 4, 8), PrototypeGenerator(2, 4, 8, normalize_by_mass=True)
+    assert plain.instance_proposals(features, small)[0, 1, 0] < 0.05 * plain.instance_proposals(features, large)[0, 1, 0]
+    assert torch.allclose(by_mass.instance_proposals(features, small)[0, 1], by_mass.instance_proposals(features, large)[0, 1])
+
+
+def test_the_segmentation_loss_alone_trains_the_smg_through_the_ipl_path():
+    """No auxiliary loss: the prototypes' masks come from SMG, so its parameters still get gradients."""
+    torch.manual_seed(1)
+    network = sipl(3, 3)
+    outputs, _ = network(torch.randn(2, 1, 16, 32, 32), return_aux=True)
+    outputs[0].square().mean().backward()
+    smg = network.head.smg
+    assert smg.queries.grad is not None and smg.queries.grad.abs().sum() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in smg.layers[-1].parameters())
+
+
+def test_kmax_initialisation_starts_every_layer_as_the_identity_branch():
+    from nnunetv2_proto.heads.kmeans_decoder import KMeansDecoderLayer
+    layer = KMeansDecoderLayer(torch.nn.Conv3d, 8, 16, 4, num_heads=2, identity_init=True)
+    for last in (layer.kmeans_projection, layer.self_attention.out_proj, layer.ffn[-1]):
+        assert not last.weight.any() and not last.bias.any()
+    assert float(layer.cluster_to_class[-1].bias[0].detach()) == pytest.approx(math.log(3 * 0.9 / 0.1))
+
+
+def test_diagnostics_report_filter_and_proposal_norms():
+    network = sipl(3, 3)
+    network.head.smg.set_tau(0.5)
+    _, aux = network(torch.randn(2, 1, 16, 32, 32), return_aux=True)
+    assert set(aux.diagnostics) == {"filter_kept_fraction", "instance_proposal_norm", "common_proposal_norm"}
+    assert 0.0 <= float(aux.diagnostics["filter_kept_fraction"]) <= 1.0
+    assert all(not v.requires_grad for v in aux.diagnostics.values())
+
+
+def test_tau_schedules():
+    from nnunetv2_proto.training.schedules import SIPL_TAU, SIPL_TAU_OFFICIAL, SIPL_TAU_STEP_FLOOR
+    assert SIPL_TAU.tau(0, 1000) == pytest.approx(0.1) and SIPL_TAU.tau(25, 1000) == pytest.approx(0.3)
+    assert SIPL_TAU.tau(50, 1000) == pytest.approx(0.5) and SIPL_TAU.tau(10, 20) == pytest.approx(0.5)
+    assert SIPL_TAU_OFFICIAL.tau(10, 20) == pytest.approx(0.1)
+    # 20 epochs x 10 steps: the floor stretches the ramp over 1000 steps, so epoch 10 (100 steps) is at 0.14
+    assert SIPL_TAU_STEP_FLOOR.tau(10, 20, 10) == pytest.approx(0.1 + 0.4 * 100 / 1000)
+    assert SIPL_TAU_STEP_FLOOR.tau(50, 1000, 250) == pytest.approx(SIPL_TAU.tau(50, 1000))  # long runs: unchanged

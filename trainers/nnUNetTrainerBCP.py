@@ -1,8 +1,8 @@
 """nnUNetTrainerBCP_<N>labeled: bidirectional copy-paste with a mean teacher, vanilla nnU-Net network.
 
 The same semi-supervised pipeline as nnUNetTrainerMPERSemi without prototypes, so the gain
-of each part can be measured. Loss: Dice + CE with voxel weights (1 from labelled patches,
-0.5 from pseudo-labelled ones) on every deep-supervision output, with nnU-Net's weights.
+of each part can be measured. Loss: nnU-Net's own Dice + CE (as the plans build it) with voxel
+weights (1 from labelled patches, 0.5 from pseudo-labelled ones) on every deep-supervision output.
 """
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer

@@ -7,7 +7,7 @@ mixed batches, and prototype EMA updates from labelled voxels and from pseudo-la
 whose teacher confidence exceeds 0.9.
 """
 
-from nnunetv2_proto.losses import MPERObjective, WeightedDiceCE
+from nnunetv2_proto.losses import MPERObjective, VoxelWeightedDiceCE
 from nnunetv2_proto.semi.labeled_subset import LABELED_LIST_FILE
 from nnunetv2_proto.trainers.nnUNetTrainerMPER import nnUNetTrainerMPER
 from nnunetv2_proto.training.budgets import SemiSupervisedCpuBudgetMixin
@@ -22,7 +22,7 @@ class nnUNetTrainerMPERSemi(SemiSupervisedMixin, nnUNetTrainerMPER):
     phase_plan: PhasePlan = MPER_SEMI_SUPERVISED_PHASES
 
     def build_objective(self) -> MPERObjective:
-        return self.mper_objective(self.mixed_batch_loss(), WeightedDiceCE())
+        return self.mper_objective(self.mixed_batch_loss(), VoxelWeightedDiceCE(self.full_resolution_loss))
 
 
 class nnUNetTrainerMPERSemi_3labeled(nnUNetTrainerMPERSemi):

@@ -4,17 +4,32 @@ Loss: nnU-Net's own (deep supervision unchanged) + alpha * sum over SMG layers o
 the pseudo masks. The SMG filter threshold tau follows ``tau_schedule`` (0.1 rising to 0.5 over
 the first 5% of training, epoch 50 of nnU-Net's 1000, as in the paper) and is held in a network
 buffer, so checkpoints and ``--c`` carry it.
+
+Every epoch the training log shows, from nnU-Net's validation batches: the Dice of the last SMG
+pseudo mask against the validation target, the share of clusters the filter keeps, and the
+norms of the instance and common proposals (a small instance norm means the prototypes barely
+adapt to the image).
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Dict, List
 
+import numpy as np
+import torch
+from torch import autocast
+
+from nnunetv2.utilities.helpers import dummy_context
+
+from nnunetv2_proto.diagnostics import foreground_confusion, summarise_epoch
 from nnunetv2_proto.losses import SIPLObjective
 from nnunetv2_proto.networks.sipl import SIPLConfig
 from nnunetv2_proto.training.budgets import CpuBudgetLongMixin, CpuBudgetMixin
-from nnunetv2_proto.training.schedules import SIPL_TAU, TauSchedule
+from nnunetv2_proto.training.schedules import SIPL_TAU, SIPL_TAU_OFFICIAL, SIPL_TAU_STEP_FLOOR, TauSchedule
 from nnunetv2_proto.training.trainer_base import PrototypeTrainerBase
+
+DIAGNOSTIC_PREFIX = "sipl_"
 
 
 class nnUNetTrainerSIPL(PrototypeTrainerBase):
@@ -27,7 +42,7 @@ class nnUNetTrainerSIPL(PrototypeTrainerBase):
         return self.sipl_config
 
     def current_tau(self) -> float:
-        return self.tau_schedule.tau(self.current_epoch, self.num_epochs)
+        return self.tau_schedule.tau(self.current_epoch, self.num_epochs, self.num_iterations_per_epoch)
 
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
@@ -38,6 +53,40 @@ class nnUNetTrainerSIPL(PrototypeTrainerBase):
 
     def build_objective(self) -> SIPLObjective:
         return SIPLObjective(self.loss, self.label_layout, self.aux_loss_weight)
+
+    # --- diagnostics (validation batches only) ---------------------------------------------
+    def validation_step(self, batch: dict) -> dict:
+        result = super().validation_step(batch)
+        data = batch["data"].to(self.device, non_blocking=True)
+        voxels = self.voxel_target([t.to(self.device) for t in batch["target"]] if isinstance(batch["target"], list)
+                                   else batch["target"].to(self.device))
+        with torch.no_grad(), (autocast(self.device.type) if self.device.type == "cuda" else dummy_context()):
+            _, aux = self.core_network(data, return_aux=True)
+        record: Dict[str, np.ndarray] = {f"{DIAGNOSTIC_PREFIX}{k}": v.float().cpu().numpy()
+                                         for k, v in aux.diagnostics.items()}
+        if aux.pseudo_mask_logits:
+            record[f"{DIAGNOSTIC_PREFIX}pseudo_mask_confusion"] = foreground_confusion(
+                aux.pseudo_mask_logits[-1], voxels.labels, voxels.valid)
+        result.update(record)
+        return result
+
+    def on_validation_epoch_end(self, val_outputs: List[dict]):
+        records = [{k: o.pop(k) for k in list(o) if k.startswith(DIAGNOSTIC_PREFIX)} for o in val_outputs]
+        super().on_validation_epoch_end(val_outputs)
+        summary = summarise_epoch(records)
+        if summary:
+            parts = []
+            if f"{DIAGNOSTIC_PREFIX}pseudo_mask_dice" in summary:
+                dice = summary[f"{DIAGNOSTIC_PREFIX}pseudo_mask_dice"]
+                parts.append("SMG pseudo-mask Dice (last layer, validation) [" +
+                             ", ".join(f"{d:.3f}" for d in dice) + "]")
+            if f"{DIAGNOSTIC_PREFIX}filter_kept_fraction" in summary:
+                parts.append(f"filter keeps {100 * summary[f'{DIAGNOSTIC_PREFIX}filter_kept_fraction']:.0f}% "
+                             "of clusters")
+            norms = [f"{name} {summary[f'{DIAGNOSTIC_PREFIX}{name}_proposal_norm']:.3g}"
+                     for name in ("instance", "common") if f"{DIAGNOSTIC_PREFIX}{name}_proposal_norm" in summary]
+            parts.append("proposal norms: " + ", ".join(norms))
+            self.print_to_log_file("SIPL diagnostics: " + "; ".join(parts))
 
 
 class nnUNetTrainerSIPL_noSMG(nnUNetTrainerSIPL):
@@ -56,6 +105,33 @@ class nnUNetTrainerSIPL_16q(nnUNetTrainerSIPL):
 
 class nnUNetTrainerSIPL_64q(nnUNetTrainerSIPL):
     sipl_config = SIPLConfig(num_queries=64)
+
+
+class nnUNetTrainerSIPL_filterTrainOnly(nnUNetTrainerSIPL):
+    """The SMG filter only while training (the behaviour before filter_at_inference; inference then
+    sees other pseudo masks than training did)."""
+    sipl_config = SIPLConfig(filter_at_inference=False)
+
+
+class nnUNetTrainerSIPL_massProposals(nnUNetTrainerSIPL):
+    """Instance proposals as mask-weighted means (scale-stable: independent of how much of a structure a
+    patch holds) instead of the paper's plain average over the grid."""
+    sipl_config = SIPLConfig(normalize_proposals_by_mass=True)
+
+
+class nnUNetTrainerSIPL_kmaxInit(nnUNetTrainerSIPL):
+    """k-means layers start as the identity, clusters leaning towards background (official kMaX init)."""
+    sipl_config = SIPLConfig(kmeans_identity_init=True)
+
+
+class nnUNetTrainerSIPL_tauOfficial(nnUNetTrainerSIPL):
+    """tau fixed at 0.1, what the official code runs in effect."""
+    tau_schedule = SIPL_TAU_OFFICIAL
+
+
+class nnUNetTrainerSIPL_tauStepFloor(nnUNetTrainerSIPL):
+    """The paper's ramp, but over at least 1000 optimiser steps (short budgets filter gently)."""
+    tau_schedule = SIPL_TAU_STEP_FLOOR
 
 
 class nnUNetTrainerSIPL_fixedTau(nnUNetTrainerSIPL):
@@ -85,4 +161,32 @@ class nnUNetTrainerSIPL_dynamicHead_cpuBudget(CpuBudgetMixin, nnUNetTrainerSIPL_
 
 
 class nnUNetTrainerSIPL_cpuBudgetLong(CpuBudgetLongMixin, nnUNetTrainerSIPL):
+    pass
+
+
+class nnUNetTrainerSIPL_noSMG_cpuBudgetLong(CpuBudgetLongMixin, nnUNetTrainerSIPL_noSMG):
+    pass
+
+
+class nnUNetTrainerSIPL_noIPL_cpuBudgetLong(CpuBudgetLongMixin, nnUNetTrainerSIPL_noIPL):
+    pass
+
+
+class nnUNetTrainerSIPL_filterTrainOnly_cpuBudgetLong(CpuBudgetLongMixin, nnUNetTrainerSIPL_filterTrainOnly):
+    pass
+
+
+class nnUNetTrainerSIPL_massProposals_cpuBudgetLong(CpuBudgetLongMixin, nnUNetTrainerSIPL_massProposals):
+    pass
+
+
+class nnUNetTrainerSIPL_kmaxInit_cpuBudgetLong(CpuBudgetLongMixin, nnUNetTrainerSIPL_kmaxInit):
+    pass
+
+
+class nnUNetTrainerSIPL_tauOfficial_cpuBudgetLong(CpuBudgetLongMixin, nnUNetTrainerSIPL_tauOfficial):
+    pass
+
+
+class nnUNetTrainerSIPL_tauStepFloor_cpuBudgetLong(CpuBudgetLongMixin, nnUNetTrainerSIPL_tauStepFloor):
     pass

@@ -12,7 +12,7 @@ All spatial work is written with ``...`` so the same code serves 2D and 3D.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -30,6 +30,12 @@ def resize_masks(masks: torch.Tensor, size) -> torch.Tensor:
         pool = F.adaptive_avg_pool3d if masks.ndim == 5 else F.adaptive_avg_pool2d
         return pool(masks, size)
     return F.interpolate(masks, size=size, mode="trilinear" if masks.ndim == 5 else "bilinear", align_corners=False)
+
+
+class Prototypes(NamedTuple):
+    prototypes: torch.Tensor                    # (B, K, D)
+    instance_proposals: Optional[torch.Tensor]  # (B, K, C); None without instance proposals
+    common_proposals: torch.Tensor              # (B, K, C)
 
 
 class PrototypeGenerator(nn.Module):
@@ -54,17 +60,18 @@ class PrototypeGenerator(nn.Module):
                 return pooled / mass.clamp_min(1e-3)
             return pooled / features[0, 0].numel()
 
-    def forward(self, features: torch.Tensor, masks: Optional[torch.Tensor]) -> torch.Tensor:
-        """Prototypes (B, K, D). ``masks`` None means no instance information (zero proposals)."""
+    def forward(self, features: torch.Tensor, masks: Optional[torch.Tensor]) -> Prototypes:
+        """Prototypes (B, K, D) and the proposals they came from. ``masks`` None means no instance
+        information (zero proposals)."""
         batch = features.shape[0]
         common = self.common_proposals.unsqueeze(0).expand(batch, -1, -1)
         if not self.use_instance_proposals:
-            return self.mlp(common)
+            return Prototypes(self.mlp(common), None, common)
         if masks is None:
             instance = torch.zeros_like(common)
         else:
             instance = self.instance_proposals(features, masks).to(common.dtype)
-        return self.mlp(torch.cat((instance, common), -1))
+        return Prototypes(self.mlp(torch.cat((instance, common), -1)), instance, common)
 
 
 class DotProductPredictor(nn.Module):

@@ -11,7 +11,7 @@ prediction build identical networks.
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Union
+from typing import Optional, Union
 
 from torch import nn
 
@@ -26,6 +26,19 @@ HEADS = {"sipl": (SIPLConfig, SIPLNetwork), "mper": (MPERConfig, MPERNetwork)}
 
 def head_spec(kind: str, layout: LabelLayout, config: Union[SIPLConfig, MPERConfig]) -> dict:
     return {"kind": kind, "label_layout": layout.to_dict(), "config": asdict(config)}
+
+
+def config_from_spec(config_class: type, stored: dict):
+    """A head config from a stored spec; a field the spec predates takes the value it had then."""
+    legacy = getattr(config_class, "LEGACY_VALUES", {})
+    return config_class(**{**legacy, **stored})
+
+
+def normalized_spec(spec: Optional[dict]) -> Optional[dict]:
+    """A stored head spec with every field spelled out (as the current code reads it), for comparisons."""
+    if not spec or spec.get("kind") not in HEADS:
+        return spec
+    return {**spec, "config": asdict(config_from_spec(HEADS[spec["kind"]][0], spec["config"]))}
 
 
 def attach_head_spec(plans_manager, configuration_name: str, configuration_manager, spec: dict) -> None:
@@ -45,4 +58,5 @@ def build_from_plans(unet: nn.Module, configuration_manager) -> nn.Module:
     if spec["kind"] not in HEADS:
         raise SetupError(f"unknown prototype head kind '{spec['kind']}'", f"expected one of {sorted(HEADS)}")
     config_class, network_class = HEADS[spec["kind"]]
-    return network_class(unet, LabelLayout.from_dict(spec["label_layout"]), config_class(**spec["config"]))
+    return network_class(unet, LabelLayout.from_dict(spec["label_layout"]),
+                         config_from_spec(config_class, spec["config"]))

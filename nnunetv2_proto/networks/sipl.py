@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -29,6 +29,13 @@ class SIPLConfig:
     use_instance_proposals: bool = True
     normalize_proposals_by_mass: bool = False
     predictor: str = "dot_product"
+    # the SMG filter at inference as in training (the official code filters at test time too)
+    filter_at_inference: bool = True
+    # k-means layers start as the identity with clusters leaning towards background (official kMaX)
+    kmeans_identity_init: bool = False
+
+    # what a head spec written before a field existed meant, so older models rebuild unchanged
+    LEGACY_VALUES = {"filter_at_inference": False, "kmeans_identity_init": False}
 
     def __post_init__(self) -> None:
         if self.predictor not in PREDICTORS:
@@ -43,6 +50,7 @@ class SIPLConfig:
 
 class SIPLAux(NamedTuple):
     pseudo_mask_logits: List[torch.Tensor]  # one (B, K_excl, *s_l) tensor per SMG layer
+    diagnostics: Dict[str, torch.Tensor]    # 0-dim, no gradient: filter_kept_fraction, proposal norms
 
 
 class SIPLHead(nn.Module):
@@ -63,27 +71,43 @@ class SIPLHead(nn.Module):
                 raise SetupError("SMG needs at least one decoder stage below full resolution",
                                  "use plans with two or more resolution stages, or the _noSMG variant")
             self.smg = SelfSupervisedMaskGenerator(conv_op, stages, layout.num_exclusive, config.num_queries,
-                                                   config.query_dim, config.layers_per_stage, config.num_heads)
+                                                   config.query_dim, config.layers_per_stage, config.num_heads,
+                                                   filter_at_inference=config.filter_at_inference,
+                                                   identity_init=config.kmeans_identity_init)
         self.generator = PrototypeGenerator(layout.num_outputs, bottleneck_channels, config.prototype_dim,
                                             config.use_instance_proposals, config.normalize_proposals_by_mass)
         self.predictor = PREDICTORS[config.predictor](conv_op, stage_channels[-1], config.prototype_dim,
                                                       layout.num_outputs)
 
     def forward(self, bottleneck: torch.Tensor, stage_features: Sequence[torch.Tensor],
-                need_pseudo_masks: bool) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+                need_aux: bool) -> Tuple[torch.Tensor, Optional[SIPLAux]]:
         full_resolution = stage_features[-1]
         pseudo: List[torch.Tensor] = []
         masks = None
-        if self.smg is not None and (self.uses_masks or need_pseudo_masks):
-            pseudo = self.smg(stage_features[: self.smg.num_stages])
+        kept = None
+        if self.smg is not None and (self.uses_masks or need_aux):
+            pseudo, kept = self.smg(stage_features[: self.smg.num_stages])
             exclusive = torch.softmax(pseudo[-1].float(), 1)
             masks = torch.einsum("bc...,ck->bk...", exclusive, self.membership)
         elif self.smg is None and self.uses_masks:
             # no SMG: instance proposals come from the head's own prediction with common proposals only
-            first_pass = self.predictor(full_resolution, self.generator(bottleneck, None))
+            first_pass = self.predictor(full_resolution, self.generator(bottleneck, None).prototypes)
             masks = torch.sigmoid(first_pass.float()) if self.has_regions else torch.softmax(first_pass.float(), 1)
-        logits = self.predictor(full_resolution, self.generator(bottleneck, masks))
-        return logits, pseudo
+        generated = self.generator(bottleneck, masks)
+        logits = self.predictor(full_resolution, generated.prototypes)
+        if not need_aux:
+            return logits, None
+        return logits, SIPLAux(pseudo, self.diagnostics(generated, kept))
+
+    @staticmethod
+    @torch.no_grad()
+    def diagnostics(generated, kept: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        found = {"common_proposal_norm": generated.common_proposals.float().norm(dim=-1).mean()}
+        if generated.instance_proposals is not None:
+            found["instance_proposal_norm"] = generated.instance_proposals.float().norm(dim=-1).mean()
+        if kept is not None:
+            found["filter_kept_fraction"] = kept
+        return found
 
 
 class SIPLNetwork(DecoderHeadNetwork):
@@ -97,5 +121,4 @@ class SIPLNetwork(DecoderHeadNetwork):
         return self.head.smg
 
     def full_resolution_output(self, skips, stage_features, return_aux):
-        logits, pseudo = self.head(skips[-1], stage_features, need_pseudo_masks=return_aux)
-        return logits, (SIPLAux(pseudo) if return_aux else None)
+        return self.head(skips[-1], stage_features, need_aux=return_aux)

@@ -57,9 +57,13 @@ class TauSchedule:
     start: float = 0.1
     end: float = 0.5
     ramp_fraction: float = 50 / 1000  # epoch 50 of nnU-Net's 1000, as in the paper
+    # a floor on the ramp's length in optimiser steps, so a short budget does not filter hard while
+    # the pseudo masks are still near random (0: the paper's fraction alone)
+    min_ramp_iterations: int = 0
 
-    def tau(self, epoch: int, num_epochs: int) -> float:
-        return linear_ramp(epoch, max(self.ramp_fraction * num_epochs, 1e-8), self.start, self.end)
+    def tau(self, epoch: int, num_epochs: int, iterations_per_epoch: int = 1) -> float:
+        ramp_epochs = max(self.ramp_fraction * num_epochs, self.min_ramp_iterations / iterations_per_epoch, 1e-8)
+        return linear_ramp(epoch, ramp_epochs, self.start, self.end)
 
 
 # the families' defaults, written once
@@ -69,3 +73,6 @@ SEMI_SUPERVISED_PHASES = PhasePlan(warmup_fraction=0.1)
 MPER_SEMI_SUPERVISED_PHASES = PhasePlan(warmup_fraction=SEMI_SUPERVISED_PHASES.warmup_fraction,
                                         rampup_fraction=MPER_PHASES.rampup_fraction)
 SIPL_TAU = TauSchedule()
+# what the official code runs in effect: its epoch is fixed when the model is built, so tau stays 0.1
+SIPL_TAU_OFFICIAL = TauSchedule(start=0.1, end=0.1)
+SIPL_TAU_STEP_FLOOR = TauSchedule(min_ramp_iterations=1000)

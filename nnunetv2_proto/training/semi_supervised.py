@@ -29,12 +29,11 @@ from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMu
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
-from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
 
 from nnunetv2_proto.environment import SetupError
-from nnunetv2_proto.losses import VoxelTarget, WeightedDiceCE
+from nnunetv2_proto.losses import VoxelTarget, VoxelWeightedDiceCE
 from nnunetv2_proto.semi.copy_paste import bidirectional_pairs, copy_paste, cuboid_masks, swapped_pairs
 from nnunetv2_proto.semi.image_only_dataset import ImageOnlyDataset
 from nnunetv2_proto.semi.labeled_subset import (labeled_subset_from_file, seeded_labeled_subset,
@@ -205,7 +204,10 @@ class SemiSupervisedMixin(PhasedTrainerMixin, LabeledSubsetMixin):
         probabilities = torch.softmax(logits.float(), 1)
         confidence, labels = probabilities.max(1)
         if self.largest_component:
-            labels = largest_component(labels)
+            kept = largest_component(labels)
+            # foreground the filter removed is not confident background: it must not move prototypes
+            confidence = confidence.masked_fill(kept != labels, 0.0)
+            labels = kept
         return labels, confidence
 
     def after_optimizer_step(self, aux, voxels) -> None:
@@ -236,9 +238,9 @@ class SemiSupervisedMixin(PhasedTrainerMixin, LabeledSubsetMixin):
     def voxel_target(self, target: VoxelTarget) -> VoxelTarget:
         return target  # copy-paste batches come with their voxel target
 
-    def mixed_batch_loss(self) -> WeightedDiceCE:
-        factors = self.loss.weight_factors if isinstance(self.loss, DeepSupervisionWrapper) else None
-        return WeightedDiceCE(factors)
+    def mixed_batch_loss(self) -> VoxelWeightedDiceCE:
+        """nnU-Net's loss as the plans build it (``self.loss``), with the copy-paste voxel weights."""
+        return VoxelWeightedDiceCE(self.loss)
 
     # --- checkpoints ---------------------------------------------------------------------------
     def extra_checkpoint_state(self) -> Dict[str, Any]:

@@ -31,7 +31,7 @@ from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2_proto.environment import SetupError
 from nnunetv2_proto.label_layout import LabelLayout
 from nnunetv2_proto.losses import VoxelTarget, as_voxel_target
-from nnunetv2_proto.networks import HEAD_SPEC_KEY, attach_head_spec, build_from_plans, head_spec
+from nnunetv2_proto.networks import HEAD_SPEC_KEY, attach_head_spec, build_from_plans, head_spec, normalized_spec
 from nnunetv2_proto.training.schedules import PhasePlan
 
 EXTRA_STATE_KEY = "nnunetv2_proto_state"
@@ -212,7 +212,7 @@ class PrototypeTrainerBase(ExtensibleTrainerMixin, nnUNetTrainer):
                 .get(HEAD_SPEC_KEY)
         except (KeyError, TypeError):
             theirs = None
-        if theirs != ours:
+        if normalized_spec(theirs) != normalized_spec(ours):
             raise SetupError(
                 f"the checkpoint {source} (trainer {checkpoint.get('trainer_name')}) was written with the head "
                 f"spec {theirs}, but {self.__class__.__name__} builds {ours}; resuming would load mismatched weights",
