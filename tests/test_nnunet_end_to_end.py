@@ -352,3 +352,33 @@ def test_sipl_training_log_shows_its_diagnostics_every_epoch(workspace):
     assert len(lines) == 3  # one per epoch
     assert all("SMG pseudo-mask Dice (last layer, validation) [" in line and "filter keeps" in line
                and "proposal norms: instance" in line for line in lines)
+
+
+def test_the_first_prototype_update_uses_the_initialised_prototypes(workspace, monkeypatch):
+    """The step that initialises MPER's prototypes by k-means must move them with similarities to those
+    prototypes, not to the random ones the forward pass compared against."""
+    for key, value in workspace["env"].items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    from nnunetv2.run.run_training import get_trainer_from_args
+    torch.manual_seed(0)
+    trainer = get_trainer_from_args(str(DATASET_ID), CONFIGURATION, 2, "nnUNetTrainerMPER_testBudget",
+                                    device=torch.device("cpu"))
+    trainer.initialize()
+    trainer.current_epoch = trainer.warmup_epochs
+    trainer.dataloader_train, trainer.dataloader_val = trainer.get_dataloaders()
+    trainer.on_train_epoch_start()
+    classifier = trainer.core_network.classifier
+    seen = {}
+    original = classifier.ema_update
+
+    def spy(features, labels, valid, similarities, extra_mask=None):
+        seen["initialized"] = classifier.initialized.clone()
+        seen["expected"] = classifier.similarities(features)
+        seen["given"] = similarities
+        return original(features, labels, valid, similarities, extra_mask)
+    monkeypatch.setattr(classifier, "ema_update", spy)
+    assert not bool(classifier.initialized.any())
+    trainer.train_step(next(trainer.dataloader_train))
+    assert bool(seen["initialized"].any())
+    assert torch.allclose(seen["given"], seen["expected"], atol=1e-6)

@@ -39,6 +39,8 @@ class nnUNetTrainerMPER(PhasedTrainerMixin, PrototypeTrainerBase):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.embedding_sampler = ClassEmbeddingSampler(self.label_layout.num_exclusive, self.samples_per_class,
                                                        seed=12345 + (fold if isinstance(fold, int) else 0))
+        self._epoch_update_counts = None  # (K, M) voxels per prototype slot this epoch, for the log
+        self._epoch_start_prototypes = None
 
     def head_config(self) -> MPERConfig:
         return self.mper_config
@@ -72,11 +74,15 @@ class nnUNetTrainerMPER(PhasedTrainerMixin, PrototypeTrainerBase):
             if self.phase_plan.is_last_warmup_epoch(self.current_epoch, self.num_epochs):
                 self.embedding_sampler.add(aux.features, voxels.labels, voxels.valid)
             return
-        if not bool(classifier.initialized.all()):
-            self._initialize_missing_classes(aux, voxels)
-        classifier.ema_update(aux.features, voxels.labels, voxels.valid, aux.similarities, voxels.update_mask)
+        similarities = aux.similarities
+        if not bool(classifier.initialized.all()) and self._initialize_missing_classes(aux, voxels):
+            # the forward pass compared the voxels with the random pre-initialisation prototypes
+            similarities = classifier.similarities(aux.features)
+        counts = classifier.ema_update(aux.features, voxels.labels, voxels.valid, similarities, voxels.update_mask)
+        self._epoch_update_counts = counts if self._epoch_update_counts is None else self._epoch_update_counts + counts
 
-    def _initialize_missing_classes(self, aux, voxels: VoxelTarget) -> None:
+    def _initialize_missing_classes(self, aux, voxels: VoxelTarget) -> bool:
+        """k-means for classes without prototypes; True if any class was initialised now."""
         # the warm-up sample first; classes it lacks (or all, after a resume) come from this batch
         self.embedding_sampler.add(aux.features, voxels.labels, voxels.valid)
         classifier = self.core_network.classifier
@@ -89,6 +95,25 @@ class nnUNetTrainerMPER(PhasedTrainerMixin, PrototypeTrainerBase):
                                    "initialised when they first appear")
         if bool(classifier.initialized.all()):
             self.embedding_sampler = ClassEmbeddingSampler(self.label_layout.num_exclusive, self.samples_per_class)
+        return bool(new)
+
+    # --- diagnostics: which prototypes move, and how far -----------------------------------
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        self._epoch_update_counts = None
+        self._epoch_start_prototypes = self.core_network.classifier.prototypes.detach().clone()
+
+    def on_train_epoch_end(self, train_outputs):
+        super().on_train_epoch_end(train_outputs)
+        if self._epoch_update_counts is None:
+            return
+        classifier = self.core_network.classifier
+        moved = 1 - (classifier.prototypes * self._epoch_start_prototypes).sum(-1)  # cosine distance, (K, M)
+        counts = self._epoch_update_counts.long().tolist()
+        stale = int((self._epoch_update_counts == 0).sum())
+        self.print_to_log_file(
+            f"MPER prototypes: voxels that moved each (class, prototype) slot {counts}; cosine distance moved "
+            f"{[[round(float(d), 4) for d in row] for row in moved]}; {stale} slot(s) not updated this epoch")
 
     def enter_steady_state(self) -> None:
         super().enter_steady_state()
