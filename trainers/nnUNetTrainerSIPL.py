@@ -190,3 +190,23 @@ class nnUNetTrainerSIPL_tauOfficial_cpuBudgetLong(CpuBudgetLongMixin, nnUNetTrai
 
 class nnUNetTrainerSIPL_tauStepFloor_cpuBudgetLong(CpuBudgetLongMixin, nnUNetTrainerSIPL_tauStepFloor):
     pass
+
+
+class nnUNetTrainerSIPL_filterTrainOnly_cpuBudget(CpuBudgetMixin, nnUNetTrainerSIPL_filterTrainOnly):
+    pass
+
+
+class nnUNetTrainerSIPL_massProposals_cpuBudget(CpuBudgetMixin, nnUNetTrainerSIPL_massProposals):
+    pass
+
+
+class nnUNetTrainerSIPL_kmaxInit_cpuBudget(CpuBudgetMixin, nnUNetTrainerSIPL_kmaxInit):
+    pass
+
+
+class nnUNetTrainerSIPL_tauOfficial_cpuBudget(CpuBudgetMixin, nnUNetTrainerSIPL_tauOfficial):
+    pass
+
+
+class nnUNetTrainerSIPL_tauStepFloor_cpuBudget(CpuBudgetMixin, nnUNetTrainerSIPL_tauStepFloor):
+    pass
