@@ -173,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default ./comparison_<dataset>_<config>)")
     p.add_argument("--dataset-json", default=None,
                    help="structure names / regions (default: the dataset's dataset.json when found)")
-    p.add_argument("--allow-missing", action="store_true", help="compare what exists; list the rest as missing")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="compare the runs and predicted cases that exist; list the rest as missing")
     p.add_argument("-np", type=int, default=2, help="processes for evaluation")
     p.set_defaults(func=_cmd_compare)
 
