@@ -51,17 +51,15 @@ def cluster_purity(assignment: torch.Tensor, class_one_hot: torch.Tensor) -> tor
     return overlap.amax(-1) / size.clamp_min(1.0)
 
 
-def clusters_kept(cluster_logits: torch.Tensor, filter_labels: torch.Tensor, tau: torch.Tensor,
-                  num_classes: int) -> torch.Tensor:
-    """(B, N) True for the clusters whose purity against the previous pseudo mask reaches tau."""
+def filter_clusters(cluster_logits: torch.Tensor, filter_labels: torch.Tensor, tau: torch.Tensor,
+                    num_classes: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(B, N) True for the clusters whose purity against the previous pseudo mask reaches tau, and
+    the share of non-empty clusters kept (a diagnostic, from the same assignment; no gradient)."""
+    assignment = hard_assignment(cluster_logits)
     foreground = F.one_hot(filter_labels, num_classes)[..., 1:].to(torch.float32)
-    return cluster_purity(hard_assignment(cluster_logits), foreground) >= tau
-
-
-def kept_fraction(cluster_logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Share of the non-empty clusters that the filter keeps (a diagnostic; no gradient)."""
-    owned = hard_assignment(cluster_logits).sum(-1) > 0
-    return (keep & owned).sum() / owned.sum().clamp_min(1)
+    keep = cluster_purity(assignment, foreground) >= tau
+    owned = assignment.sum(-1) > 0
+    return keep, (keep & owned).sum() / owned.sum().clamp_min(1)
 
 
 def kmeans_update(values: torch.Tensor, cluster_logits: torch.Tensor, filter_labels: Optional[torch.Tensor],
@@ -76,7 +74,7 @@ def kmeans_update(values: torch.Tensor, cluster_logits: torch.Tensor, filter_lab
     cluster = cluster_logits.detach().max(1).indices
     contributes = torch.ones_like(cluster, dtype=values.dtype)
     if filter_labels is not None:
-        keep = clusters_kept(cluster_logits, filter_labels, tau, num_classes) if keep is None else keep
+        keep = filter_clusters(cluster_logits, filter_labels, tau, num_classes)[0] if keep is None else keep
         contributes = keep.gather(1, cluster).to(values.dtype)
     # A @ values with a one-hot A is a scatter-add of each pixel's value into its cluster
     weighted = values * contributes.unsqueeze(1)
@@ -140,8 +138,7 @@ class KMeansDecoderLayer(nn.Module):
             cluster_logits = torch.einsum("bnd,bdv->bnv", mask_embeddings, pixel_embeddings)
             keep = kept = None
             if filter_labels is not None:
-                keep = clusters_kept(cluster_logits, filter_labels, tau, self.num_classes)
-                kept = kept_fraction(cluster_logits, keep)
+                keep, kept = filter_clusters(cluster_logits, filter_labels, tau, self.num_classes)
             retrieved = kmeans_update(values.float(), cluster_logits, filter_labels, tau, self.num_classes, keep)
         queries = self.kmeans_norm(queries + self.kmeans_projection(self.retrieved_norm(retrieved)))
         attended, _ = self.self_attention(queries, queries, queries, need_weights=False)

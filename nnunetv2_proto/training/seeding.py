@@ -27,6 +27,8 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
+from nnunetv2_proto.environment import find_trainer_class
+
 SEED_RECORD = "run_seed.json"
 _SEEDED_NAME = re.compile(r"(?P<base>.+)_seed(?P<seed>\d+)")
 
@@ -104,7 +106,6 @@ def seeded_trainer_class(trainer_name: str, module: str) -> type:
     if parsed is None:
         raise AttributeError(trainer_name)
     base_name, seed = parsed
-    from nnunetv2_proto.environment import find_trainer_class
     try:
         base = find_trainer_class(base_name)
     except RuntimeError as error:  # nnU-Net's "could not find requested nnunet trainer"
