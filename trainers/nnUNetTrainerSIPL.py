@@ -57,9 +57,8 @@ class nnUNetTrainerSIPL(PrototypeTrainerBase):
     # --- diagnostics (validation batches only) ---------------------------------------------
     def validation_step(self, batch: dict) -> dict:
         result = super().validation_step(batch)
-        data = batch["data"].to(self.device, non_blocking=True)
-        voxels = self.voxel_target([t.to(self.device) for t in batch["target"]] if isinstance(batch["target"], list)
-                                   else batch["target"].to(self.device))
+        data, target = self.training_inputs(batch)  # the same device transfer as a training step
+        voxels = self.voxel_target(target)
         with torch.no_grad(), (autocast(self.device.type) if self.device.type == "cuda" else dummy_context()):
             _, aux = self.core_network(data, return_aux=True)
         record: Dict[str, np.ndarray] = {f"{DIAGNOSTIC_PREFIX}{k}": v.float().cpu().numpy()

@@ -54,18 +54,17 @@ def worker_seeds(seed: int, stream: int, count: int) -> List[int]:
     return [int(np.random.SeedSequence([seed, stream, worker]).generate_state(1)[0]) for worker in range(count)]
 
 
-def reseed_augmenter(augmenter, seeds: List[int]) -> bool:
-    """Restart a batchgenerators multi-process augmenter with the given worker seeds; False if it has no workers.
+def reseed_augmenter(augmenter, seeds: List[int]) -> None:
+    """Restart a batchgenerators multi-process augmenter with the given worker seeds (no-op without workers).
 
     nnU-Net builds its augmenters with ``seeds=None`` (each worker seeds itself from the OS) and
     starts them at once, so the only way in without copying ``get_dataloaders`` is a restart.
     """
     if not hasattr(augmenter, "seeds") or not hasattr(augmenter, "num_processes"):
-        return False  # SingleThreadedAugmenter: runs in this process, on the generators seeded above
+        return  # SingleThreadedAugmenter: runs in this process, on the generators seeded above
     augmenter._finish()
     augmenter.seeds = seeds[:augmenter.num_processes]
     next(augmenter)  # start the workers again, as nnU-Net's get_dataloaders does
-    return True
 
 
 def augmenters_of(loader) -> List:
