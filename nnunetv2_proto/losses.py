@@ -26,6 +26,7 @@ class VoxelTarget(NamedTuple):
     labels: torch.Tensor                        # (B, *s) exclusive class per voxel
     weights: torch.Tensor                       # (B, *s) bool valid mask, or float loss weight (0: nothing)
     update_mask: Optional[torch.Tensor] = None  # voxels allowed to move prototypes; None: every valid voxel
+    from_unlabeled: Optional[torch.Tensor] = None  # voxels pasted from unlabelled patches (pseudo labels)
 
     @property
     def valid(self) -> torch.Tensor:

@@ -20,7 +20,7 @@ from conftest import small_unet
 from nnunetv2_proto.heads.multi_prototype import MultiPrototypeClassifier
 from nnunetv2_proto.label_layout import LabelLayout
 from nnunetv2_proto.losses import FullResolutionTarget, MPERObjective, SIPLObjective, VoxelTarget, VoxelWeightedDiceCE
-from nnunetv2_proto.semi.copy_paste import bidirectional_pairs, copy_paste, cuboid_masks, swapped_pairs
+from nnunetv2_proto.semi.copy_paste import both_ways, copy_paste, cuboid_masks, swapped_pairs
 from nnunetv2_proto.networks import MPERConfig, MPERNetwork, SIPLConfig, SIPLNetwork
 
 WORLD = 2
@@ -129,10 +129,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         labels = targets[0][mine, 0].long()
         masks = cuboid_masks(2, labels.shape[1:], generator=torch.Generator().manual_seed(rank))
         if self_training:
-            images = copy_paste(*bidirectional_pairs(x[mine], x[mine].flip(0)), masks)
-            mixed = copy_paste(*bidirectional_pairs(labels, labels.flip(0)), masks)
-            weights = copy_paste(*bidirectional_pairs(torch.ones_like(labels).float(),
-                                                      torch.full(labels.shape, 0.5)), masks)
+            both = torch.cat((masks, masks))
+            images = copy_paste(*both_ways(x[mine], x[mine].flip(0)), both)
+            mixed = copy_paste(*both_ways(labels, labels.flip(0)), both)
+            weights = copy_paste(*both_ways(torch.ones_like(labels).float(), torch.full(labels.shape, 0.5)), both)
         else:
             images = copy_paste(x[mine], swapped_pairs(x[mine]), masks)
             mixed = copy_paste(labels, swapped_pairs(labels), masks)

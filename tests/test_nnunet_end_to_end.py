@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -158,6 +159,12 @@ def test_resume_with_c_restores_the_head_state(workspace, trainer, stop_after, t
         assert "head.smg.tau" in saved["network_weights"]
     else:  # the prototypes were initialised before the interruption and come back as they were
         assert bool(saved["network_weights"]["classifier.initialized"].all())
+    if "MPER_" in trainer:  # the ramp continues where it was: lambda of the resumed epoch, used in its loss
+        from nnunetv2_proto.training.schedules import MPER_PHASES
+        expected = replace(MPER_PHASES, min_warmup_iterations=0, rampup_fraction=1.0).main_loss_weight(2, 3, 3)
+        assert 0.05 < expected < 0.95 and restored["main_loss_weight"] == pytest.approx(expected)
+        log = sorted(output_folder(env, trainer, 1).glob("training_log_*.txt"))[-1].read_text()
+        assert f"'lambda': {round(expected, 4)}" in log.split("Epoch 2")[-1]
     if "Semi" in trainer:  # the teacher and the labelled subset come back too
         extra = saved["nnunetv2_proto_state"]
         assert restored["extra"]["labeled_cases"] == extra["labeled_cases"] and len(extra["labeled_cases"]) == 2
@@ -354,31 +361,105 @@ def test_sipl_training_log_shows_its_diagnostics_every_epoch(workspace):
                and "proposal norms: instance" in line for line in lines)
 
 
-def test_the_first_prototype_update_uses_the_initialised_prototypes(workspace, monkeypatch):
-    """The step that initialises MPER's prototypes by k-means must move them with similarities to those
-    prototypes, not to the random ones the forward pass compared against."""
+def in_process_trainer(workspace, monkeypatch, name: str, fold: int = 2):
     for key, value in workspace["env"].items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("nnUNet_n_proc_DA", "0")
     from nnunetv2.run.run_training import get_trainer_from_args
     torch.manual_seed(0)
-    trainer = get_trainer_from_args(str(DATASET_ID), CONFIGURATION, 2, "nnUNetTrainerMPER_testBudget",
-                                    device=torch.device("cpu"))
+    trainer = get_trainer_from_args(str(DATASET_ID), CONFIGURATION, fold, name, device=torch.device("cpu"))
     trainer.initialize()
-    trainer.current_epoch = trainer.warmup_epochs
+    return trainer
+
+
+def test_prototypes_come_from_eval_mode_embeddings_after_warmup_and_the_first_update_uses_them(
+        workspace, monkeypatch):
+    """No embedding is sampled during warm-up; at the first prototype epoch the sample is taken with the
+    network in eval mode, k-means runs before the first prototype step, and that step's EMA update
+    compares the voxels with the initialised prototypes."""
+    trainer = in_process_trainer(workspace, monkeypatch, "nnUNetTrainerMPER_testBudget")
     trainer.dataloader_train, trainer.dataloader_val = trainer.get_dataloaders()
-    trainer.on_train_epoch_start()
+    sampler_calls = []
+    original_add = trainer.embedding_sampler.add
+    monkeypatch.setattr(trainer.embedding_sampler, "add", lambda *a: (
+        sampler_calls.append((trainer.current_epoch, trainer.network.training)), original_add(*a)))
     classifier = trainer.core_network.classifier
+    assert trainer.warmup_epochs == 1
+    trainer.current_epoch = 0
+    trainer.on_train_epoch_start()
+    trainer.train_step(next(trainer.dataloader_train))
+    assert sampler_calls == [] and not bool(classifier.initialized.any())
+    trainer.current_epoch = trainer.warmup_epochs
+    trainer.on_train_epoch_start()
+    assert sampler_calls == [(1, False)] * trainer.prototype_init_batches
+    assert bool(classifier.initialized.all()) and trainer.network.training
     seen = {}
     original = classifier.ema_update
 
-    def spy(features, labels, valid, similarities, extra_mask=None):
-        seen["initialized"] = classifier.initialized.clone()
+    def spy(features, labels, valid, similarities, extra_mask=None, tally=None):
         seen["expected"] = classifier.similarities(features)
         seen["given"] = similarities
-        return original(features, labels, valid, similarities, extra_mask)
+        return original(features, labels, valid, similarities, extra_mask, tally)
     monkeypatch.setattr(classifier, "ema_update", spy)
-    assert not bool(classifier.initialized.any())
+    initialised = classifier.prototypes.clone()
     trainer.train_step(next(trainer.dataloader_train))
-    assert bool(seen["initialized"].any())
     assert torch.allclose(seen["given"], seen["expected"], atol=1e-6)
+    assert not torch.equal(classifier.prototypes, initialised)
+
+
+def test_mper_from_vanilla_starts_from_the_finished_vanilla_model(workspace, monkeypatch):
+    """Every weight of the vanilla checkpoint, its final 1x1 conv included, and prototypes from its features
+    before the first step; through nnUNetv2_train too."""
+    trainer = in_process_trainer(workspace, monkeypatch, "nnUNetTrainerMPER_fromVanilla_testBudget", fold=0)
+    vanilla = torch.load(output_folder(workspace["env"], "nnUNetTrainer_testBudget") / "checkpoint_final.pth",
+                         weights_only=False)["network_weights"]
+    trainer.load_source_model()
+    ours = trainer.core_network.state_dict()
+    assert all(torch.equal(ours[k], v) for k, v in vanilla.items())
+    assert any(".seg_layers." in k for k in vanilla) and trainer.warmup_epochs == 0
+    env = workspace["env"]
+    name = "nnUNetTrainerMPER_fromVanilla_testBudget"
+    run([command("nnUNetv2_train"), DATASET_ID, CONFIGURATION, "0", "-tr", name, "-device", "cpu"], env,
+        {"PROTO_TEST_STOP_AFTER_EPOCH": "0"}, expect=75)
+    folder = output_folder(env, name)
+    log = sorted(folder.glob("training_log_*.txt"))[-1].read_text()
+    assert "network initialised from" in log and "prototypes initialised by k-means for classes [0, 1, 2, 3] (epoch 0)" in log
+    assert json.loads((folder / "source_model.json").read_text())["source_trainer"] == "nnUNetTrainer_testBudget"
+
+
+def test_a_missing_or_leaking_source_model_is_refused_with_the_fix(workspace, monkeypatch):
+    from nnunetv2_proto.environment import SetupError
+    missing = in_process_trainer(workspace, monkeypatch, "nnUNetTrainerMPER_fromVanilla_testBudget", fold=4)
+    with pytest.raises(SetupError, match="train it first: nnUNetv2_train .* -tr nnUNetTrainer_testBudget"):
+        missing.load_source_model()
+    leaking = in_process_trainer(workspace, monkeypatch, "nnUNetTrainerBCP_fromAllLabels_testBudget", fold=0)
+    with pytest.raises(SetupError, match="leak"):
+        leaking.load_source_model()
+
+
+def test_self_training_steps_hold_the_labelled_voxels_of_a_labelled_only_step(workspace, monkeypatch):
+    """Labelled-signal parity: every labelled patch of the batch is in the step whole (pasted both ways), in
+    two passes of the plans' batch size."""
+    trainer = in_process_trainer(workspace, monkeypatch, "nnUNetTrainerBCP_testBudget")
+    trainer.dataloader_train, trainer.dataloader_val = trainer.get_dataloaders()
+    trainer.current_epoch = trainer.warmup_epochs
+    trainer.on_train_epoch_start()
+    batch = next(trainer.dataloader_train)
+    images, voxels = trainer.training_inputs(batch)
+    patch_voxels = int(np.prod(trainer.configuration_manager.patch_size))
+    assert images.shape[0] == 2 * trainer.batch_size and trainer.micro_batch_count(images) == 2
+    from_labelled = voxels.weights == 1.0
+    assert int(from_labelled.sum()) == trainer.batch_size * patch_voxels
+    assert torch.equal(~from_labelled, voxels.from_unlabeled)
+    result = trainer.train_step(batch)
+    assert np.isfinite(result["loss"])
+
+
+def test_semi_supervised_logs_teacher_student_and_confidence_every_self_training_epoch(workspace):
+    for trainer, prototypes in (("nnUNetTrainerBCP_testBudget", False), ("nnUNetTrainerMPERSemi_testBudget", True)):
+        log = "\n".join(p.read_text() for p in output_folder(workspace["env"], trainer).glob("training_log_*.txt"))
+        dice = [line for line in log.splitlines() if "self-training Dice on validation patches: teacher" in line]
+        confident = [line for line in log.splitlines() if "of unlabelled voxels above teacher confidence" in line]
+        assert len(dice) == 2 and len(confident) == 2  # epochs 1 and 2 self-train
+        if prototypes:
+            assert len([line for line in log.splitlines() if "of them from pseudo labels" in line]) == 2

@@ -4,7 +4,7 @@ import torch
 
 from conftest import small_unet
 from nnunetv2_proto.environment import SetupError
-from nnunetv2_proto.semi.copy_paste import bidirectional_pairs, copy_paste, cuboid_masks, swapped_pairs
+from nnunetv2_proto.semi.copy_paste import both_ways, copy_paste, cuboid_masks, swapped_pairs
 from nnunetv2_proto.semi.labeled_subset import grouped_labeled_subset, labeled_subset_from_file, seeded_labeled_subset
 from nnunetv2_proto.semi.mean_teacher import ema_update_, largest_component, make_teacher
 
@@ -37,20 +37,25 @@ def test_labeled_list_file_rejects_validation_cases(tmp_path):
 
 
 @pytest.mark.parametrize("spatial", [(12, 18), (6, 9, 12)])
-def test_bidirectional_copy_paste_keeps_image_and_label_pieces_together(spatial):
-    batch = 4
-    # every voxel of image i and of label i carries i: labelled patches 0..3, unlabelled 10..13
+def test_copy_paste_both_ways_keeps_pieces_together_and_uses_every_labelled_voxel_once(spatial):
+    batch = 3
+    # every voxel of image i and of label i carries i: labelled patches 0..2, unlabelled 10..12
     labeled = torch.arange(batch).view(batch, 1, *[1] * len(spatial)).expand(batch, 2, *spatial).float()
     unlabeled = labeled + 10
-    masks = cuboid_masks(batch // 2 * 2, spatial, 2 / 3, generator=torch.Generator().manual_seed(0))
-    images = copy_paste(*bidirectional_pairs(labeled, unlabeled), masks)
-    labels = copy_paste(*bidirectional_pairs(labeled[:, 0].long(), unlabeled[:, 0].long()), masks)
-    from_labeled = copy_paste(*bidirectional_pairs(torch.ones(batch, *spatial, dtype=torch.bool),
-                                                   torch.zeros(batch, *spatial, dtype=torch.bool)), masks)
+    masks = cuboid_masks(batch, spatial, 2 / 3, generator=torch.Generator().manual_seed(0))
+    masks = torch.cat((masks, masks))
+    images = copy_paste(*both_ways(labeled, unlabeled), masks)
+    labels = copy_paste(*both_ways(labeled[:, 0].long(), unlabeled[:, 0].long()), masks)
+    from_labeled = copy_paste(*both_ways(torch.ones(batch, *spatial, dtype=torch.bool),
+                                         torch.zeros(batch, *spatial, dtype=torch.bool)), masks)
+    assert images.shape[0] == 2 * batch
     assert torch.equal(images[:, 0].long(), labels) and torch.equal(images[:, 1], images[:, 0])
     assert torch.equal(from_labeled, labels < 10)
-    # x1 = l_a in the cuboid, u_a outside; x2 = u_b in the cuboid, l_b outside
-    assert torch.equal(labels[0], torch.where(masks[0], 0, 10)) and torch.equal(labels[2], torch.where(masks[2], 11, 1))
+    # x_i = l_i in the cuboid, u_i outside; x_{B+i} = u_i in the cuboid, l_i outside
+    assert torch.equal(labels[0], torch.where(masks[0], 0, 10)) and torch.equal(labels[4], torch.where(masks[4], 11, 1))
+    # labelled-signal parity: each labelled patch's voxels appear exactly once, as in a labelled-only batch
+    for i in range(batch):
+        assert int((labels == i).sum()) == labeled[0, 0].numel()
     # each cuboid covers 2/3 of every axis
     expected = 1
     for s in spatial:
@@ -143,7 +148,9 @@ def test_foreground_removed_by_the_component_filter_is_not_confident():
     logits[:, 0] = -logits[:, 1]
     teacher = lambda images: logits  # noqa: E731  (stands for the teacher network)
     teacher.decoder = SimpleNamespace(deep_supervision=False)
-    trainer = SimpleNamespace(teacher=teacher, device=torch.device("cpu"), largest_component=True)
+    from nnunetv2.utilities.helpers import dummy_context
+    trainer = SimpleNamespace(teacher=teacher, device=torch.device("cpu"), largest_component=True,
+                              autocast=dummy_context)
     labels, confidence = SemiSupervisedMixin.pseudo_labels(trainer, None)
     assert labels[0, 0, 2, 2] == 0 and confidence[0, 0, 2, 2] == 0.0   # removed: label 0, not confident
     assert labels[0, 0, 8, 8] == 1 and confidence[0, 0, 8, 8] > 0.99

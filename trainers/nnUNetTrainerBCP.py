@@ -8,7 +8,9 @@ weights (1 from labelled patches, 0.5 from pseudo-labelled ones) on every deep-s
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_proto.semi.labeled_subset import LABELED_LIST_FILE
-from nnunetv2_proto.training.budgets import SemiSupervisedCpuBudgetMixin
+from nnunetv2_proto.training.budgets import CpuBudgetMixin, SemiSupervisedCpuBudgetMixin
+from nnunetv2_proto.training.initial_weights import StartFromTrainedModelMixin
+from nnunetv2_proto.training.schedules import SEMI_SUPERVISED_FROM_TRAINED_PHASES, PhasePlan
 from nnunetv2_proto.training.semi_supervised import SemiSupervisedMixin
 
 
@@ -49,3 +51,14 @@ class nnUNetTrainerBCP_labeledList(nnUNetTrainerBCP):
 
 class nnUNetTrainerBCP_8labeled_cpuBudget(SemiSupervisedCpuBudgetMixin, nnUNetTrainerBCP_8labeled):
     pass
+
+
+class nnUNetTrainerBCP_8labeled_fromLabeled(StartFromTrainedModelMixin, nnUNetTrainerBCP_8labeled):
+    """BCP's two-stage recipe: student and teacher start from the finished labelled-only run
+    (``nnUNetTrainer_8labeled``, same labelled cases); self-training from the first step."""
+    source_trainer = "nnUNetTrainer_8labeled"
+    phase_plan: PhasePlan = SEMI_SUPERVISED_FROM_TRAINED_PHASES
+
+
+class nnUNetTrainerBCP_8labeled_fromLabeled_cpuBudget(CpuBudgetMixin, nnUNetTrainerBCP_8labeled_fromLabeled):
+    source_trainer = "nnUNetTrainer_8labeled_cpuBudget"

@@ -1,14 +1,18 @@
 """nnUNetTrainerMPER: nnU-Net's linear head plus a multi-prototype cosine classifier.
 
 Phases (``phase_plan``, by epoch, so ``--c`` lands in the right one):
-1. warm-up: only nnU-Net's loss on the linear path; during its last epoch a bounded per-class
-   sample of labelled embeddings is collected;
-2. at the first step after warm-up, MiniBatchKMeans per class on that sample initialises
-   the prototypes (classes not seen yet are initialised later, when they appear);
+1. warm-up: only nnU-Net's loss on the linear path, long enough for the features to mean
+   something (a fraction of the budget with a floor in steps, ``schedules.MPER_PHASES``);
+2. at the start of the first prototype epoch, with the network in eval mode, a bounded per-class
+   sample of embeddings of labelled training voxels from ``prototype_init_batches`` batches;
+   MiniBatchKMeans per class on it initialises the prototypes before the first prototype step
+   (a class absent from the sample is initialised from the first training batch that has it);
 3. then every step: L = L_seg(linear) + lambda(t) [L_seg(prototype) + w_ppc PPC + w_ppd PPD
-   + w_cons consistency], with lambda the plan's sigmoid ramp, followed by a gradient-free EMA
-   update of the prototypes.
+   + w_cons consistency], with lambda the plan's sigmoid ramp over the prototype phase,
+   followed by a gradient-free EMA update of the prototypes.
 
+``_fromVanilla`` variants skip the warm-up: they start from a finished nnU-Net model of the same
+plans and fold (``training.initial_weights``), the official two-stage recipe.
 Prediction uses the linear head (vanilla cost) unless a variant says otherwise.
 """
 
@@ -22,7 +26,9 @@ from nnunetv2_proto.heads.multi_prototype import ClassEmbeddingSampler
 from nnunetv2_proto.losses import FullResolutionTarget, MPERLossWeights, MPERObjective, VoxelTarget
 from nnunetv2_proto.networks.mper import MPERConfig
 from nnunetv2_proto.training.budgets import CpuBudgetLongMixin, CpuBudgetMixin
-from nnunetv2_proto.training.schedules import MPER_PHASES, PhasePlan
+from nnunetv2_proto.training.initial_weights import StartFromTrainedModelMixin
+from nnunetv2_proto.training.schedules import (MPER_FROM_TRAINED_PHASES, MPER_OFFICIAL_PHASES, MPER_PHASES,
+                                               PhasePlan)
 from nnunetv2_proto.training.trainer_base import PhasedTrainerMixin, PrototypeTrainerBase
 
 
@@ -33,6 +39,7 @@ class nnUNetTrainerMPER(PhasedTrainerMixin, PrototypeTrainerBase):
     loss_weights = MPERLossWeights()
     consistency_kind = "mse"
     samples_per_class = 2048
+    prototype_init_batches = 8  # eval-mode batches whose labelled voxels the k-means sample comes from
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -50,7 +57,7 @@ class nnUNetTrainerMPER(PhasedTrainerMixin, PrototypeTrainerBase):
         return self.in_main_phase
 
     def prototype_loss_weight(self) -> float:
-        return self.phase_plan.main_loss_weight(self.current_epoch, self.num_epochs)
+        return self.main_loss_weight()
 
     def mper_objective(self, segmentation_loss, prototype_loss) -> MPERObjective:
         """MPER's objective around this family's segmentation losses (linear outputs, prototype logits)."""
@@ -69,26 +76,44 @@ class nnUNetTrainerMPER(PhasedTrainerMixin, PrototypeTrainerBase):
 
     def after_optimizer_step(self, aux, voxels: VoxelTarget) -> None:
         super().after_optimizer_step(aux, voxels)
-        classifier = self.core_network.classifier
         if not self.in_prototype_phase:
-            if self.phase_plan.is_last_warmup_epoch(self.current_epoch, self.num_epochs):
-                self.embedding_sampler.add(aux.features, voxels.labels, voxels.valid)
             return
+        classifier = self.core_network.classifier
         similarities = aux.similarities
-        if not bool(classifier.initialized.all()) and self._initialize_missing_classes(aux, voxels):
+        if not bool(classifier.initialized.all()) and self._initialize_missing_classes(aux.features, voxels):
             # the forward pass compared the voxels with the random pre-initialisation prototypes
             similarities = classifier.similarities(aux.features)
-        counts = classifier.ema_update(aux.features, voxels.labels, voxels.valid, similarities, voxels.update_mask)
+        counts = classifier.ema_update(aux.features, voxels.labels, voxels.valid, similarities, voxels.update_mask,
+                                       tally=voxels.from_unlabeled)
+        counts = torch.stack(counts) if isinstance(counts, tuple) else counts.unsqueeze(0)
+        # (1 or 2, K, M): all updating voxels, and of them the pseudo-labelled ones
         self._epoch_update_counts = counts if self._epoch_update_counts is None else self._epoch_update_counts + counts
 
-    def _initialize_missing_classes(self, aux, voxels: VoxelTarget) -> bool:
-        """k-means for classes without prototypes; True if any class was initialised now."""
-        # the warm-up sample first; classes it lacks (or all, after a resume) come from this batch
-        self.embedding_sampler.add(aux.features, voxels.labels, voxels.valid)
+    @torch.no_grad()
+    def sample_embeddings_in_eval_mode(self) -> None:
+        """Embeddings of labelled training voxels from the network in eval mode (as it predicts), into the sampler."""
+        network = self.network
+        network.eval()
+        try:
+            for _ in range(self.prototype_init_batches):
+                data, target = self.to_device(self.labelled_batch(next(self.dataloader_train)))
+                voxels = VoxelTarget.from_nnunet_target(self.label_layout, target)
+                with self.autocast():
+                    _, aux = network(data, return_aux=True)
+                self.embedding_sampler.add(aux.features, voxels.labels, voxels.valid)
+        finally:
+            network.train()
+
+    def _initialize_missing_classes(self, features: torch.Tensor, voxels: VoxelTarget) -> bool:
+        """k-means for classes without prototypes from the sample plus this batch; True if any was initialised."""
+        self.embedding_sampler.add(features, voxels.labels, voxels.valid)
+        return self._initialize_from_sample()
+
+    def _initialize_from_sample(self) -> bool:
         classifier = self.core_network.classifier
         new = classifier.initialize_classes(self.embedding_sampler.samples(), seed=12345)
         if new:
-            self.print_to_log_file(f"prototypes initialised by k-means for classes {new}")
+            self.print_to_log_file(f"prototypes initialised by k-means for classes {new} (epoch {self.current_epoch})")
         missing = (~classifier.initialized).nonzero().flatten().tolist()
         if missing and new:
             self.print_to_log_file(f"classes {missing} have no labelled voxels yet; their prototypes are "
@@ -100,6 +125,9 @@ class nnUNetTrainerMPER(PhasedTrainerMixin, PrototypeTrainerBase):
     # --- diagnostics: which prototypes move, and how far -----------------------------------
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
+        if self.in_prototype_phase and not bool(self.core_network.classifier.initialized.all()):
+            self.sample_embeddings_in_eval_mode()
+            self._initialize_from_sample()
         self._epoch_update_counts = None
         self._epoch_start_prototypes = self.core_network.classifier.prototypes.detach().clone()
 
@@ -109,11 +137,14 @@ class nnUNetTrainerMPER(PhasedTrainerMixin, PrototypeTrainerBase):
             return
         classifier = self.core_network.classifier
         moved = 1 - (classifier.prototypes * self._epoch_start_prototypes).sum(-1)  # cosine distance, (K, M)
-        counts = self._epoch_update_counts.long().tolist()
-        stale = int((self._epoch_update_counts == 0).sum())
+        counts = self._epoch_update_counts[0]
+        stale = int((counts == 0).sum())
+        pseudo = (f"; of them from pseudo labels {self._epoch_update_counts[1].long().tolist()}"
+                  if len(self._epoch_update_counts) > 1 else "")
         self.print_to_log_file(
-            f"MPER prototypes: voxels that moved each (class, prototype) slot {counts}; cosine distance moved "
-            f"{[[round(float(d), 4) for d in row] for row in moved]}; {stale} slot(s) not updated this epoch")
+            f"MPER prototypes: voxels that moved each (class, prototype) slot {counts.long().tolist()}{pseudo}; "
+            f"cosine distance moved {[[round(float(d), 4) for d in row] for row in moved]}; "
+            f"{stale} slot(s) not updated this epoch")
 
     def enter_steady_state(self) -> None:
         super().enter_steady_state()
@@ -150,6 +181,21 @@ class nnUNetTrainerMPER_noConsistency(nnUNetTrainerMPER):
     loss_weights = MPERLossWeights(consistency=0.0)
 
 
+class nnUNetTrainerMPER_officialLoss(nnUNetTrainerMPER):
+    """The official code's objective: no consistency and no PPD term, lambda ramped over 75% of the
+    prototype phase."""
+    loss_weights = MPERLossWeights(ppd=0.0, consistency=0.0)
+    phase_plan: PhasePlan = MPER_OFFICIAL_PHASES
+
+
+class nnUNetTrainerMPER_fromVanilla(StartFromTrainedModelMixin, nnUNetTrainerMPER):
+    """MPER added to a finished vanilla nnU-Net model of the same plans and fold (``nnUNetTrainer``):
+    prototypes from its features at once, then the prototype phase. Compare with a vanilla run of
+    the two stages' total steps."""
+    source_trainer = "nnUNetTrainer"
+    phase_plan: PhasePlan = MPER_FROM_TRAINED_PHASES
+
+
 class nnUNetTrainerMPER_protoInference(nnUNetTrainerMPER):
     """Predict with the prototype classifier instead of the linear head."""
     mper_config = MPERConfig(inference="prototype")
@@ -170,3 +216,23 @@ class nnUNetTrainerMPER_M1_cpuBudget(CpuBudgetMixin, nnUNetTrainerMPER_M1):
 
 class nnUNetTrainerMPER_cpuBudgetLong(CpuBudgetLongMixin, nnUNetTrainerMPER):
     pass
+
+
+class nnUNetTrainerMPER_officialLoss_cpuBudget(CpuBudgetMixin, nnUNetTrainerMPER_officialLoss):
+    pass
+
+
+class nnUNetTrainerMPER_officialLoss_cpuBudgetLong(CpuBudgetLongMixin, nnUNetTrainerMPER_officialLoss):
+    pass
+
+
+class nnUNetTrainerMPER_M1_cpuBudgetLong(CpuBudgetLongMixin, nnUNetTrainerMPER_M1):
+    pass
+
+
+class nnUNetTrainerMPER_fromVanilla_cpuBudget(CpuBudgetMixin, nnUNetTrainerMPER_fromVanilla):
+    source_trainer = "nnUNetTrainer_cpuBudget"
+
+
+class nnUNetTrainerMPER_fromVanilla_cpuBudgetLong(CpuBudgetLongMixin, nnUNetTrainerMPER_fromVanilla):
+    source_trainer = "nnUNetTrainer_cpuBudgetLong"

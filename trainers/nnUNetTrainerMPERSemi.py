@@ -1,8 +1,8 @@
 """nnUNetTrainerMPERSemi_<N>labeled: MPER inside BCP's semi-supervised pipeline (MPER's own setting).
 
-Phases: copy-paste warm-up among labelled patches (linear path only; its last epoch samples
-labelled embeddings) -> prototypes initialised by k-means, teacher initialised from the
-student -> self-training with bidirectional copy-paste, MPER's ramped prototype losses on the
+Phases: copy-paste warm-up among labelled patches (linear path only) -> prototypes initialised by
+k-means on eval-mode embeddings of labelled voxels, teacher initialised from the student ->
+self-training with bidirectional copy-paste, MPER's ramped prototype losses on the
 mixed batches, and prototype EMA updates from labelled voxels and from pseudo-labelled voxels
 whose teacher confidence exceeds 0.9.
 """
@@ -10,8 +10,10 @@ whose teacher confidence exceeds 0.9.
 from nnunetv2_proto.losses import MPERObjective, VoxelWeightedDiceCE
 from nnunetv2_proto.semi.labeled_subset import LABELED_LIST_FILE
 from nnunetv2_proto.trainers.nnUNetTrainerMPER import nnUNetTrainerMPER
-from nnunetv2_proto.training.budgets import SemiSupervisedCpuBudgetMixin
-from nnunetv2_proto.training.schedules import MPER_SEMI_SUPERVISED_PHASES, PhasePlan
+from nnunetv2_proto.training.budgets import CpuBudgetMixin, SemiSupervisedCpuBudgetMixin
+from nnunetv2_proto.training.initial_weights import StartFromTrainedModelMixin
+from nnunetv2_proto.training.schedules import (MPER_SEMI_SUPERVISED_FROM_TRAINED_PHASES, MPER_SEMI_SUPERVISED_PHASES,
+                                               PhasePlan)
 from nnunetv2_proto.training.semi_supervised import SemiSupervisedMixin
 
 
@@ -51,3 +53,14 @@ class nnUNetTrainerMPERSemi_labeledList(nnUNetTrainerMPERSemi):
 
 class nnUNetTrainerMPERSemi_8labeled_cpuBudget(SemiSupervisedCpuBudgetMixin, nnUNetTrainerMPERSemi_8labeled):
     pass
+
+
+class nnUNetTrainerMPERSemi_8labeled_fromLabeled(StartFromTrainedModelMixin, nnUNetTrainerMPERSemi_8labeled):
+    """Two-stage: student, teacher and prototypes start from the finished labelled-only run
+    (``nnUNetTrainer_8labeled``, same labelled cases)."""
+    source_trainer = "nnUNetTrainer_8labeled"
+    phase_plan: PhasePlan = MPER_SEMI_SUPERVISED_FROM_TRAINED_PHASES
+
+
+class nnUNetTrainerMPERSemi_8labeled_fromLabeled_cpuBudget(CpuBudgetMixin, nnUNetTrainerMPERSemi_8labeled_fromLabeled):
+    source_trainer = "nnUNetTrainer_8labeled_cpuBudget"

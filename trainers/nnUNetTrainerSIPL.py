@@ -18,9 +18,7 @@ from typing import Dict, List
 
 import numpy as np
 import torch
-from torch import autocast
 
-from nnunetv2.utilities.helpers import dummy_context
 
 from nnunetv2_proto.diagnostics import foreground_confusion, summarise_epoch
 from nnunetv2_proto.losses import SIPLObjective
@@ -59,7 +57,7 @@ class nnUNetTrainerSIPL(PrototypeTrainerBase):
         result = super().validation_step(batch)
         data, target = self.training_inputs(batch)  # the same device transfer as a training step
         voxels = self.voxel_target(target)
-        with torch.no_grad(), (autocast(self.device.type) if self.device.type == "cuda" else dummy_context()):
+        with torch.no_grad(), self.autocast():
             _, aux = self.core_network(data, return_aux=True)
         record: Dict[str, np.ndarray] = {f"{DIAGNOSTIC_PREFIX}{k}": v.float().cpu().numpy()
                                          for k, v in aux.diagnostics.items()}

@@ -96,8 +96,10 @@ class MultiPrototypeClassifier(nn.Module):
 
     @torch.no_grad()
     def ema_update(self, features: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
-                   similarities: torch.Tensor, extra_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """One EMA step; returns the (K, M) voxel counts that moved each prototype (summed over ranks).
+                   similarities: torch.Tensor, extra_mask: Optional[torch.Tensor] = None,
+                   tally: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One EMA step; returns the (K, M) voxel counts that moved each prototype (summed over ranks), and
+        with a ``tally`` mask (B, *s) a second (K, M) count of those voxels among them (e.g. pseudo-labelled).
 
         ``features`` (B, C, *s) are normalised here, after backward has freed the activations.
 
@@ -127,7 +129,12 @@ class MultiPrototypeClassifier(nn.Module):
         mean = sums / counts.clamp_min(1.0).unsqueeze(1)
         moved = F.normalize(self.momentum * current + (1 - self.momentum) * mean, dim=-1)
         self.prototypes.copy_(torch.where((counts > 0).unsqueeze(1), moved, current).reshape(k, m, c))
-        return counts.reshape(k, m)
+        if tally is None:
+            return counts.reshape(k, m)
+        tallied = torch.bincount(slot.flatten()[tally.reshape(-1)], minlength=k * m + 1)[:-1].float()
+        if _distributed():
+            dist.all_reduce(tallied)
+        return counts.reshape(k, m), tallied.reshape(k, m)
 
     @torch.no_grad()
     def initialize_classes(self, samples_per_class: Sequence[Optional[torch.Tensor]], seed: int = 0) -> List[int]:

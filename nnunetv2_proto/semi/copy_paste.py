@@ -1,8 +1,8 @@
 """Bidirectional copy-paste (BCP): cuboid masks and the pasting of images, labels and weights.
 
 ``copy_paste(fg, bg, m) = fg * m + bg * (1 - m)`` for images (B, C, *s) and for label or weight
-maps (B, *s), with one mask per sample. BCP pairs labelled patches (l_a, l_b) with unlabelled
-ones (u_a, u_b): x1 = l_a m + u_a (1 - m), x2 = u_b m + l_b (1 - m). Applying the same pasting to
+maps (B, *s), with one mask per sample. Every labelled patch l_i is pasted with an unlabelled
+u_i both ways (``both_ways``). Applying the same pasting to
 the labels (ground truth where labelled, pseudo labels elsewhere) and to "came from a labelled
 patch" keeps every voxel's image, label and weight together.
 """
@@ -33,11 +33,15 @@ def copy_paste(foreground: torch.Tensor, background: torch.Tensor, masks: torch.
     return torch.where(m, foreground, background)
 
 
-def bidirectional_pairs(labeled: torch.Tensor, unlabeled: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(foreground, background) for BCP: pairs (2i, 2i+1) give x1 = l_a|u_a and x2 = u_b|l_b."""
-    foreground = torch.cat((labeled[0::2], unlabeled[1::2]))
-    background = torch.cat((unlabeled[0::2], labeled[1::2]))
-    return foreground, background
+def both_ways(labeled: torch.Tensor, unlabeled: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(foreground, background) for BCP with every labelled patch used whole: with the masks given twice
+    (``torch.cat((m, m))``), x_i = l_i m_i + u_i (1 - m_i) and x_{B+i} = u_i m_i + l_i (1 - m_i).
+
+    BCP's own pairing (x1 = l_a|u_a, x2 = u_b|l_b) keeps half of each labelled patch, so a step sees
+    half the labelled voxels of a labelled-only nnU-Net step; pasting both ways restores parity at
+    twice the images (the trainer runs them as two micro-batches of the plans' batch size).
+    """
+    return torch.cat((labeled, unlabeled)), torch.cat((unlabeled, labeled))
 
 
 def swapped_pairs(batch: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,13 @@ augmentation that reads images only (never labels, no foreground oversampling), 
 teacher, and bidirectional copy-paste (BCP). Phases by epoch (``phase_plan``):
 1. warm-up: copy-paste among labelled patches;
 2. self-training: the teacher (initialised from the warmed-up student, then EMA) labels the
-   unlabelled patches; labelled and unlabelled patches are pasted into each other both ways;
-   voxels from unlabelled patches weigh ``unlabeled_weight`` in the loss.
+   unlabelled patches; every labelled patch is pasted with an unlabelled one both ways, so a
+   step holds all the labelled voxels of a labelled-only nnU-Net step (labelled-signal parity)
+   in twice the images, run as two forward/backward passes of the plans' batch size (about 2x
+   the step time of the baseline, the same GPU memory); voxels from unlabelled patches weigh
+   ``unlabeled_weight`` in the loss.
+``_fromLabeled`` variants skip the warm-up: student and teacher start from the finished
+labelled-only run of the same labelled cases (``training.initial_weights``), BCP's own recipe.
 Prediction and nnU-Net's validation use the student, the network nnU-Net checkpoints; the
 teacher lives in the checkpoint's extra state.
 """
@@ -22,19 +27,19 @@ import json
 from os.path import join
 from typing import Any, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
-from torch import autocast
 
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
-from nnunetv2.utilities.helpers import dummy_context
 
+from nnunetv2_proto.diagnostics import foreground_confusion, summarise_epoch
 from nnunetv2_proto.environment import SetupError
 from nnunetv2_proto.losses import VoxelTarget, VoxelWeightedDiceCE
-from nnunetv2_proto.semi.copy_paste import bidirectional_pairs, copy_paste, cuboid_masks, swapped_pairs
+from nnunetv2_proto.semi.copy_paste import both_ways, copy_paste, cuboid_masks, swapped_pairs
 from nnunetv2_proto.semi.image_only_dataset import ImageOnlyDataset
 from nnunetv2_proto.semi.labeled_subset import (labeled_subset_from_file, seeded_labeled_subset,
                                                 split_labeled)
@@ -44,6 +49,7 @@ from nnunetv2_proto.training.trainer_base import ExtensibleTrainerMixin, PhasedT
 
 # this run's labelled / unlabelled cases (the user's input list is semi.labeled_subset.LABELED_LIST_FILE)
 SPLIT_RECORD = "labeled_split.json"
+DIAGNOSTIC_PREFIX = "semi_diagnostic_"
 
 
 class LabeledSubsetMixin(ExtensibleTrainerMixin):
@@ -192,14 +198,48 @@ class SemiSupervisedMixin(PhasedTrainerMixin, LabeledSubsetMixin):
     # --- phases and the teacher ------------------------------------------------------------
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
+        self._confident_fractions: List[float] = []
         if self.in_self_training and self.teacher is None:
             self.teacher = make_teacher(self.core_network)
             self.print_to_log_file("self-training starts: mean teacher initialised from the warmed-up student")
 
+    # --- diagnostics (validation batches only for Dice) -------------------------------------
+    def on_train_epoch_end(self, train_outputs):
+        super().on_train_epoch_end(train_outputs)
+        if self._confident_fractions:
+            self.print_to_log_file(f"self-training: {100 * float(np.mean(self._confident_fractions)):.1f}% of "
+                                   f"unlabelled voxels above teacher confidence {self.confidence_threshold}")
+
+    def validation_step(self, batch: dict) -> dict:
+        result = super().validation_step(batch)
+        if self.teacher is None:
+            return result
+        data, target = self.to_device(batch)
+        voxels = VoxelTarget.from_nnunet_target(self.label_layout, target)
+        self.teacher.decoder.deep_supervision = False
+        with torch.no_grad(), self.autocast():
+            teacher_logits = self.teacher(data)
+        result[f"{DIAGNOSTIC_PREFIX}teacher_confusion"] = foreground_confusion(teacher_logits, voxels.labels,
+                                                                               voxels.valid)
+        # the student's: nnU-Net's own counts of this batch (its pseudo Dice)
+        result[f"{DIAGNOSTIC_PREFIX}student_confusion"] = np.stack(
+            [result["tp_hard"], result["fp_hard"], result["fn_hard"]])
+        return result
+
+    def on_validation_epoch_end(self, val_outputs: List[dict]):
+        records = [{k: o.pop(k) for k in list(o) if k.startswith(DIAGNOSTIC_PREFIX)} for o in val_outputs]
+        super().on_validation_epoch_end(val_outputs)
+        summary = summarise_epoch([r for r in records if r])
+        if summary:
+            teacher, student = (summary[f"{DIAGNOSTIC_PREFIX}{who}_dice"] for who in ("teacher", "student"))
+            self.print_to_log_file("self-training Dice on validation patches: teacher (pseudo labels) ["
+                                   + ", ".join(f"{d:.3f}" for d in teacher) + "], student ["
+                                   + ", ".join(f"{d:.3f}" for d in student) + "]")
+
     @torch.no_grad()
     def pseudo_labels(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         self.teacher.decoder.deep_supervision = False
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+        with self.autocast():
             logits = self.teacher(images)
         probabilities = torch.softmax(logits.float(), 1)
         confidence, labels = probabilities.max(1)
@@ -216,24 +256,40 @@ class SemiSupervisedMixin(PhasedTrainerMixin, LabeledSubsetMixin):
             ema_update_(self.teacher, self.core_network, self.teacher_decay)
 
     # --- copy-paste batches ----------------------------------------------------------------
+    def labelled_batch(self, batch: dict) -> dict:
+        return batch["labeled"]
+
     def training_inputs(self, batch: dict):
-        data, target = super().training_inputs(batch["labeled"])
-        labels, valid, _ = VoxelTarget.from_nnunet_target(self.label_layout, target)
-        pairs = 2 * (data.shape[0] // 2)
-        data, labels, valid = data[:pairs], labels[:pairs], valid[:pairs].float()
-        masks = cuboid_masks(pairs, data.shape[2:], self.copy_paste_fraction, device=data.device)
+        data, target = self.to_device(self.labelled_batch(batch))
+        exclusive = VoxelTarget.from_nnunet_target(self.label_layout, target)
+        labels, valid = exclusive.labels, exclusive.valid
+        valid = valid.float()
         if not self.in_self_training:
+            # copy-paste among labelled patches: partners swap cuboids, every labelled voxel is used once
+            pairs = 2 * (data.shape[0] // 2)
+            data, labels, valid = data[:pairs], labels[:pairs], valid[:pairs]
+            masks = cuboid_masks(pairs, data.shape[2:], self.copy_paste_fraction, device=data.device)
             images = copy_paste(data, swapped_pairs(data), masks)
             mixed_labels = copy_paste(labels, swapped_pairs(labels), masks)
             weights = copy_paste(valid, swapped_pairs(valid), masks)
             return images, VoxelTarget(mixed_labels, weights, weights > 0)
-        unlabeled = batch["unlabeled"]["data"][:pairs].to(self.device, non_blocking=True)
+        count = data.shape[0]
+        unlabeled = batch["unlabeled"]["data"][:count].to(self.device, non_blocking=True)
         pseudo, confidence = self.pseudo_labels(unlabeled)
-        images = copy_paste(*bidirectional_pairs(data, unlabeled), masks)
-        mixed_labels = copy_paste(*bidirectional_pairs(labels, pseudo), masks)
-        weights = copy_paste(*bidirectional_pairs(valid, torch.full_like(valid, self.unlabeled_weight)), masks)
-        trusted = copy_paste(*bidirectional_pairs(valid > 0, confidence > self.confidence_threshold), masks)
-        return images, VoxelTarget(mixed_labels, weights, trusted)
+        masks = cuboid_masks(count, data.shape[2:], self.copy_paste_fraction, device=data.device)
+        masks = torch.cat((masks, masks))
+        images = copy_paste(*both_ways(data, unlabeled), masks)
+        mixed_labels = copy_paste(*both_ways(labels, pseudo), masks)
+        weights = copy_paste(*both_ways(valid, torch.full_like(valid, self.unlabeled_weight)), masks)
+        confident = confidence > self.confidence_threshold
+        trusted = copy_paste(*both_ways(valid > 0, confident), masks)
+        from_unlabeled = copy_paste(*both_ways(torch.zeros_like(confident), torch.ones_like(confident)), masks)
+        self._confident_fractions.append(float(confident.float().mean()))
+        return images, VoxelTarget(mixed_labels, weights, trusted, from_unlabeled)
+
+    def micro_batch_count(self, data: torch.Tensor) -> int:
+        # self-training pastes every pair both ways: twice the plans' batch, run as two passes
+        return 2 if self.in_self_training else 1
 
     def voxel_target(self, target: VoxelTarget) -> VoxelTarget:
         return target  # copy-paste batches come with their voxel target

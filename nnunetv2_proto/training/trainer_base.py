@@ -16,7 +16,7 @@ with a different head.
 from __future__ import annotations
 
 from functools import cached_property
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -46,6 +46,34 @@ def unwrap(network: nn.Module) -> nn.Module:
     return network
 
 
+def split_batch(data: torch.Tensor, target, voxels: Optional[VoxelTarget], passes: int) -> List[tuple]:
+    """(data, target, voxels) cut into ``passes`` equal parts along the batch axis (one part: as given)."""
+    if passes == 1:
+        return [(data, target, voxels)]
+
+    def parts(value):
+        if value is None:
+            return [None] * passes
+        if isinstance(value, VoxelTarget):
+            return [VoxelTarget(*fields) for fields in zip(*(parts(f) for f in value))]
+        if isinstance(value, (list, tuple)):
+            return [list(p) for p in zip(*(parts(v) for v in value))]
+        return list(value.chunk(passes))
+    return list(zip(parts(data), parts(target), parts(voxels)))
+
+
+def concat_batches(parts: Sequence[Any]) -> Any:
+    """The inverse of ``split_batch`` for auxiliary outputs: tensors (also inside tuples and lists) joined
+    along the batch axis."""
+    first = parts[0]
+    if len(parts) == 1 or first is None:
+        return first
+    if torch.is_tensor(first):
+        return torch.cat(parts)
+    joined = [concat_batches(fields) for fields in zip(*parts)]
+    return type(first)(*joined) if hasattr(first, "_fields") else type(first)(joined)
+
+
 class ExtensibleTrainerMixin:
     """Put before ``nnUNetTrainer`` (or a subclass) in the bases."""
 
@@ -69,6 +97,14 @@ class ExtensibleTrainerMixin:
 
     # --- training step ----------------------------------------------------------------------
     def training_inputs(self, batch: dict) -> Tuple[torch.Tensor, Any]:
+        """The step's network input and target (a family may build them, e.g. copy-paste batches)."""
+        return self.to_device(batch)
+
+    def labelled_batch(self, batch: dict) -> dict:
+        """The labelled patches of a training batch as nnU-Net's data loader yields them."""
+        return batch
+
+    def to_device(self, batch: dict) -> Tuple[torch.Tensor, Any]:
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"]
         target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
@@ -92,27 +128,49 @@ class ExtensibleTrainerMixin:
         """Put the trainer into the phase it spends most steps in, for profiling (``benchmark-heads``):
         extend with super() where a family has phases (prototypes initialised, a teacher)."""
 
+    def micro_batch_count(self, data: torch.Tensor) -> int:
+        """Forward/backward passes per optimiser step: a family whose step builds more images than the
+        plans' batch size (copy-paste both ways) runs them in passes of that size, so GPU memory stays
+        what nnU-Net planned for."""
+        return 1
+
+    def autocast(self):
+        # nnU-Net autocasts on CUDA only (CPU autocast is slow, MPS unsupported)
+        return autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
+
     def train_step(self, batch: dict) -> dict:
         data, target = self.training_inputs(batch)
         voxels = self.voxel_target(target)
+        passes = self.micro_batch_count(data)
         self.optimizer.zero_grad(set_to_none=True)
-        # nnU-Net autocasts on CUDA only (CPU autocast is slow, MPS unsupported)
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            loss, parts, aux = self.forward_and_loss(data, target, voxels)
+        losses, parts_of_passes, auxes = [], [], []
+        for index, (data_part, target_part, voxels_part) in enumerate(split_batch(data, target, voxels, passes)):
+            # DDP all-reduces the gradients once, at the last pass
+            last = index == passes - 1
+            sync = self.network.no_sync() if isinstance(self.network, DistributedDataParallel) and not last \
+                else dummy_context()
+            with sync:
+                with self.autocast():
+                    loss, parts, aux = self.forward_and_loss(data_part, target_part, voxels_part)
+                    loss = loss / passes if passes > 1 else loss
+                (self.grad_scaler.scale(loss) if self.grad_scaler is not None else loss).backward()
+            losses.append(loss.detach())
+            parts_of_passes.append(parts)
+            auxes.append(aux)
         if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
             self.grad_scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
         else:
-            loss.backward()
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
             self.optimizer.step()
         with torch.no_grad():
-            self.after_optimizer_step(aux, voxels)
-        result = {"loss": loss.detach().cpu().numpy()}
-        result.update({f"part_{k}": float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in parts.items()})
+            self.after_optimizer_step(concat_batches(auxes), voxels)
+        result = {"loss": sum(losses).cpu().numpy()}
+        for name in parts_of_passes[0]:
+            values = [float(p[name].detach()) if torch.is_tensor(p[name]) else float(p[name]) for p in parts_of_passes]
+            result[f"part_{name}"] = float(np.mean(values))
         return result
 
     def on_train_epoch_end(self, train_outputs):
@@ -158,11 +216,15 @@ class PhasedTrainerMixin:
 
     @property
     def warmup_epochs(self) -> int:
-        return self.phase_plan.warmup_epochs(self.num_epochs)
+        return self.phase_plan.warmup_epochs(self.num_epochs, self.num_iterations_per_epoch)
 
     @property
     def in_main_phase(self) -> bool:
-        return self.phase_plan.in_main_phase(self.current_epoch, self.num_epochs)
+        return self.current_epoch >= self.warmup_epochs
+
+    def main_loss_weight(self) -> float:
+        """The ramp of the main phase's loss weight at the current epoch."""
+        return self.phase_plan.main_loss_weight(self.current_epoch, self.num_epochs, self.num_iterations_per_epoch)
 
     def enter_steady_state(self) -> None:
         super().enter_steady_state()
