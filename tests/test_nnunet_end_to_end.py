@@ -270,10 +270,11 @@ def test_compare_and_benchmark_heads_work_on_real_nnunet_results(workspace, tmp_
                for cases in report["per_case"]["nnUNetTrainerSIPL_testBudget"]["Dice"].values())
     bench = tmp_path / "bench.json"
     run([command("nnunetv2-proto"), "benchmark-heads", "-d", DATASET_ID, "-c", CONFIGURATION, "-tr",
-         "nnUNetTrainer_testBudget", "nnUNetTrainerSIPL_testBudget", "--steps", "1", "--warmup", "1",
-         "--device", "cpu", "--out", bench], env)
+         "nnUNetTrainer_testBudget", "nnUNetTrainerSIPL_testBudget", "nnUNetTrainerBCP_testBudget", "--steps", "1",
+         "--warmup", "1", "--device", "cpu", "--out", bench], env)
     results = json.loads(bench.read_text())["results"]
-    assert [r["trainer"] for r in results] == ["nnUNetTrainer_testBudget", "nnUNetTrainerSIPL_testBudget"]
+    assert [r["trainer"] for r in results] == ["nnUNetTrainer_testBudget", "nnUNetTrainerSIPL_testBudget",
+                                               "nnUNetTrainerBCP_testBudget"]
     assert results[0]["train_step_ratio"] == 1.0 and results[1]["train_step_s"] > 0
     assert not list((Path(env["nnUNet_results"]) / DATASET).glob("*benchmark*"))  # nothing written there
 

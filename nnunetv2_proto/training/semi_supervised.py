@@ -141,6 +141,7 @@ class SemiSupervisedMixin(PhasedTrainerMixin, LabeledSubsetMixin):
             raise SetupError("semi-supervised trainers do not support the cascade's second stage",
                              "train 3d_fullres, 3d_lowres, 2d or a CPU preset instead")
         self.teacher: Optional[torch.nn.Module] = None
+        self._confident_fractions: List[float] = []  # this epoch's, for the log
         if self.largest_component is None:
             self.largest_component = len(self.label_manager.foreground_labels) == 1
 
@@ -198,7 +199,7 @@ class SemiSupervisedMixin(PhasedTrainerMixin, LabeledSubsetMixin):
     # --- phases and the teacher ------------------------------------------------------------
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
-        self._confident_fractions: List[float] = []
+        self._confident_fractions = []
         if self.in_self_training and self.teacher is None:
             self.teacher = make_teacher(self.core_network)
             self.print_to_log_file("self-training starts: mean teacher initialised from the warmed-up student")
