@@ -52,9 +52,6 @@ class PhasePlan:
         floor = math.ceil(self.min_warmup_iterations / iterations_per_epoch)
         return max(1, min(max(round(self.warmup_fraction * num_epochs), floor), num_epochs - 1))
 
-    def in_main_phase(self, epoch: int, num_epochs: int, iterations_per_epoch: int = 1) -> bool:
-        return epoch >= self.warmup_epochs(num_epochs, iterations_per_epoch)
-
     def main_loss_weight(self, epoch: int, num_epochs: int, iterations_per_epoch: int = 1) -> float:
         warmup = self.warmup_epochs(num_epochs, iterations_per_epoch)
         progress = (epoch - warmup) / max(num_epochs - warmup, 1)
