@@ -68,29 +68,6 @@ def pseudo_mask_loss(pseudo_mask_logits: Sequence[torch.Tensor], labels: torch.T
     return total
 
 
-def own_class_similarities(similarities: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(B, K, M, *s), (B, *s) -> (B, M, *s): each voxel's similarities to its own class's prototypes."""
-    m = similarities.shape[2]
-    return similarities.gather(1, labels.unsqueeze(1).unsqueeze(1).expand(-1, 1, m, *labels.shape[1:])).squeeze(1)
-
-
-def prototype_contrast_loss(similarities: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
-                            temperature: float, own: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Pixel-prototype contrast: cross-entropy over all K*M similarities / T, target = (class, nearest)."""
-    own = own_class_similarities(similarities, labels) if own is None else own
-    logits = similarities.flatten(1, 2).float() / temperature
-    target = labels * similarities.shape[2] + own.detach().max(1).indices
-    return _masked_mean(F.cross_entropy(logits, target, reduction="none"), valid)
-
-
-def prototype_distance_loss(similarities: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
-                            own: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Pixel-prototype distance: mean of (1 - s_target)^2 for the own class's nearest prototype."""
-    own = own_class_similarities(similarities, labels) if own is None else own
-    s_target = own.float().amax(1)
-    return _masked_mean((1 - s_target) ** 2, valid)
-
-
 def probability_consistency_loss(p_linear: torch.Tensor, p_prototype: torch.Tensor, valid: torch.Tensor,
                                  kind: str = "mse") -> torch.Tensor:
     """Agreement of the two classifiers' probability maps (B, K, *s): 'mse' or symmetric 'kl'."""
@@ -147,37 +124,38 @@ class MPERObjective(torch.nn.Module):
     """L_seg(linear) + lambda [w_seg L_seg(prototype) + w_ppc PPC + w_ppd PPD + w_cons consistency].
 
     ``segmentation_loss(outputs, target)`` scores the (possibly deep-supervised) linear outputs and
-    ``prototype_loss(logits, target)`` the full-resolution prototype logits; the prototype terms use
-    the step's ``VoxelTarget`` (given, or built from nnU-Net's target). The terms come back by
+    ``prototype_loss(logits, target)`` the full-resolution prototype logits; PPC and PPD come per voxel
+    from the classifier's ``PrototypeScores`` (temperature included) and are averaged with the step's
+    ``VoxelTarget`` weights (given, or built from nnU-Net's target). The terms come back by
     name, unweighted; ``total`` is the one place they are weighted. ``forward`` with
     ``prototype_weight=None`` is the warm-up: the linear loss alone.
     """
 
-    def __init__(self, segmentation_loss, prototype_loss, layout, temperature: float = 0.1,
-                 weights: MPERLossWeights = MPERLossWeights(), consistency_kind: str = "mse"):
+    def __init__(self, segmentation_loss, prototype_loss, layout, weights: MPERLossWeights = MPERLossWeights(),
+                 consistency_kind: str = "mse"):
         super().__init__()
         self.segmentation_loss = segmentation_loss
         self.prototype_loss = prototype_loss
         self.layout = layout
-        self.temperature = temperature
         self.weights = asdict(weights)
         self.consistency_kind = consistency_kind
 
     def total(self, linear: torch.Tensor, parts: dict, prototype_weight: float) -> torch.Tensor:
         return linear + prototype_weight * sum(self.weights[k] * v for k, v in parts.items())
 
-    def forward(self, outputs, aux, target, prototype_output_logits=None, prototype_weight=None,
+    def forward(self, outputs, aux, target, scores=None, prototype_output_logits=None, prototype_weight=None,
                 voxels: Optional[VoxelTarget] = None):
+        """``scores``: the step's ``PrototypeScores`` (PPC and PPD per voxel); ``prototype_output_logits``: their
+        logits mapped to the network's output channels."""
         linear = self.segmentation_loss(outputs, target)
         if prototype_weight is None:
             return linear, {"seg": linear}
         voxels = voxels if voxels is not None else as_voxel_target(self.layout, target)
-        labels, weights = voxels.labels, voxels.weights
-        own = own_class_similarities(aux.similarities, labels)
+        weights = voxels.weights
         parts = {
             "seg_prototype": self.prototype_loss(prototype_output_logits, target),
-            "ppc": prototype_contrast_loss(aux.similarities, labels, weights, self.temperature, own),
-            "ppd": prototype_distance_loss(aux.similarities, labels, weights, own),
+            "ppc": _masked_mean(scores.contrast, weights),
+            "ppd": _masked_mean(scores.distance, weights),
             "consistency": probability_consistency_loss(
                 self.layout.output_probabilities_from_logits(aux.linear_logits.float()),
                 self.layout.output_probabilities_from_logits(prototype_output_logits.float()), weights,

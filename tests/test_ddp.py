@@ -103,13 +103,14 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
     def mper_step(prototype_phase: bool):
         outputs, aux = mper(x[mine], return_aux=True)
-        extra = (core.prototype_output_logits(aux.prototype_logits), 0.5) if prototype_phase else ()
+        labels = targets[0][mine, 0].long()
+        scores = core.classifier.scores(aux.features, labels) if prototype_phase else None
+        extra = (scores, core.prototype_output_logits(scores.logits), 0.5) if prototype_phase else ()
         loss, _ = objective(outputs, aux, [t[mine] for t in targets], *extra)
         loss.backward()
-        labels = targets[0][mine, 0].long()
         if prototype_phase:
             core.classifier.ema_update(aux.features, labels, torch.ones_like(labels, dtype=torch.bool),
-                                       aux.similarities)
+                                       scores.nearest, scores.correct)
         else:
             core.classifier.initialize_classes([aux.features.detach().movedim(1, -1)[labels == k] for k in range(3)])
 
@@ -139,7 +140,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             weights = torch.ones_like(labels).float()
         target = VoxelTarget(mixed, weights, weights > 0)
         outputs, aux = semi(images, return_aux=True)
-        extra = (core_semi.prototype_output_logits(aux.prototype_logits), 0.5) if self_training else ()
+        scores = core_semi.classifier.scores(aux.features, mixed) if self_training else None
+        extra = (scores, core_semi.prototype_output_logits(scores.logits), 0.5) if self_training else ()
         loss, _ = mixed_objective(outputs, aux, target, *extra)
         loss.backward()
 
@@ -154,7 +156,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     samples = [embedding[mine].movedim(1, -1)[labels[mine] == k] for k in range(3)]
     classifier.initialize_classes(samples, seed=3)
     classifier.ema_update(embedding[mine], labels[mine], torch.ones_like(labels[mine], dtype=torch.bool),
-                          classifier.similarities(embedding[mine]))
+                          *classifier.assignments(embedding[mine], labels[mine]))
     results["ema_prototypes"] = classifier.prototypes.clone()
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
@@ -205,5 +207,5 @@ def test_distributed_prototype_updates_equal_one_process_on_the_whole_batch(ddp_
                for k in range(3)]
     classifier.initialize_classes(samples, seed=3)
     classifier.ema_update(embedding, labels, torch.ones_like(labels, dtype=torch.bool),
-                          classifier.similarities(embedding))
+                          *classifier.assignments(embedding, labels))
     assert torch.allclose(ddp_results[0]["ema_prototypes"], classifier.prototypes, atol=1e-6)

@@ -7,7 +7,7 @@ from torch.nn import functional as F
 from conftest import small_unet
 from nnunetv2_proto.heads.multi_prototype import ClassEmbeddingSampler, MultiPrototypeClassifier, kmeans_centres
 from nnunetv2_proto.label_layout import LabelLayout
-from nnunetv2_proto.losses import FullResolutionTarget, MPERObjective, prototype_contrast_loss, prototype_distance_loss
+from nnunetv2_proto.losses import FullResolutionTarget, MPERObjective
 from nnunetv2_proto.networks import MPERConfig, MPERNetwork
 
 
@@ -51,9 +51,44 @@ def test_vectorised_ema_update_equals_a_naive_loop():
     valid = torch.rand(2, 5, 7, generator=generator) > 0.2
     expected, expected_counts = naive_ema(classifier.prototypes.clone(), classifier.initialized.clone(), embedding,
                                           labels, valid, 0.9)
-    counts = classifier.ema_update(embedding, labels, valid, classifier.similarities(embedding))
+    counts = classifier.ema_update(embedding, labels, valid, *classifier.assignments(embedding, labels))
     assert torch.allclose(classifier.prototypes, expected, atol=1e-6)
     assert torch.equal(counts, expected_counts) and counts.sum() > 0
+
+
+def composed_scores(features, prototypes, labels, unseen, temperature):
+    """The definitions, with autograd through every (B, K, M, *s) tensor: what the fused function must equal."""
+    k, m, _ = prototypes.shape
+    similarities = torch.einsum("bc...,kmc->bkm...", F.normalize(features, dim=1), prototypes)
+    logits = (similarities.max(2).values / temperature).masked_fill(
+        unseen.view(1, k, *([1] * (features.ndim - 2))), -1 / temperature)
+    own = similarities.gather(1, labels[:, None, None].expand(-1, 1, m, *labels.shape[1:])).squeeze(1)
+    nearest = own.detach().max(1).indices
+    contrast = F.cross_entropy(similarities.flatten(1, 2) / temperature, labels * m + nearest, reduction="none")
+    distance = (1 - own.amax(1)) ** 2
+    return logits, contrast, distance, nearest
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 5, 7), (2, 6, 3, 4, 5)])
+def test_fused_scores_equal_the_composed_definitions_in_value_and_gradient(shape):
+    classifier = initialised_classifier().double()
+    classifier.initialized[1] = False
+    generator = torch.Generator().manual_seed(3)
+    features = torch.randn(*shape, generator=generator, dtype=torch.double, requires_grad=True)
+    labels = torch.randint(0, 3, (shape[0], *shape[2:]), generator=generator)
+    fused = classifier.scores(features, labels)
+    composed = composed_scores(features, classifier.prototypes, labels, ~classifier.initialized, classifier.temperature)
+    for ours, expected in zip(fused, composed):
+        assert ours.shape == expected.shape and torch.allclose(ours, expected.to(ours.dtype))
+    assert torch.equal(fused.correct, composed[0].argmax(1) == labels)
+    assert torch.equal(classifier.class_logits(features), fused.logits)  # inference scores as training does
+    upstream = [torch.randn(t.shape, generator=generator, dtype=torch.double) for t in composed[:3]]
+
+    def gradient(terms):
+        return torch.autograd.grad(sum((t * u).sum() for t, u in zip(terms, upstream)), features)[0]
+    expected_gradient = gradient(composed[:3])
+    assert torch.allclose(gradient(fused[:3]), expected_gradient) and expected_gradient.abs().sum() > 0
+    assert torch.autograd.gradcheck(lambda f: classifier.scores(f, labels)[:3], (features,))
 
 
 def test_a_class_absent_from_the_batch_keeps_its_prototypes_and_nothing_becomes_nan():
@@ -61,13 +96,12 @@ def test_a_class_absent_from_the_batch_keeps_its_prototypes_and_nothing_becomes_
     before = classifier.prototypes.clone()
     embedding = F.normalize(torch.randn(2, 6, 4, 4), dim=1)
     labels = torch.zeros(2, 4, 4, dtype=torch.long)  # only class 0 present
-    similarities = classifier.similarities(embedding)
-    classifier.ema_update(embedding, labels, torch.ones_like(labels, dtype=torch.bool), similarities)
+    scores = classifier.scores(embedding, labels)
+    classifier.ema_update(embedding, labels, torch.ones_like(labels, dtype=torch.bool), scores.nearest,
+                          scores.correct)
     assert torch.equal(classifier.prototypes[1:], before[1:])
     assert torch.isfinite(classifier.prototypes).all()
-    valid = torch.ones_like(labels, dtype=torch.bool)
-    assert torch.isfinite(prototype_contrast_loss(similarities, labels, valid, 0.1))
-    assert torch.isfinite(prototype_distance_loss(similarities, labels, valid))
+    assert all(torch.isfinite(term).all() for term in scores[:4])
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 50])
@@ -92,7 +126,7 @@ def test_uninitialised_classes_never_win_the_prototype_classifier():
     classifier.initialized[0] = True
     classifier.prototypes[1, 0] = torch.tensor([1.0, 0, 0, 0])  # identical to the embedding below
     embedding = torch.tensor([1.0, 0, 0, 0]).view(1, 4, 1)
-    logits = classifier.logits(classifier.similarities(embedding))
+    logits = classifier.class_logits(embedding)
     assert logits[0, :, 0].argmax() == 0
 
 
@@ -148,7 +182,8 @@ def test_objective_phases_and_state_dict_round_trip():
     target = torch.randint(0, 3, (2, 1, 16, 32, 32)).float()
     outputs, aux = network(torch.randn(2, 1, 16, 32, 32), return_aux=True)
     warm, warm_parts = objective(outputs, aux, [target])
-    full, parts = objective(outputs, aux, [target], network.prototype_output_logits(aux.prototype_logits), 0.5)
+    scores = network.classifier.scores(aux.features, target[:, 0].long())
+    full, parts = objective(outputs, aux, [target], scores, network.prototype_output_logits(scores.logits), 0.5)
     assert set(warm_parts) == {"seg"} and {"seg_prototype", "ppc", "ppd", "consistency"} <= set(parts)
     assert torch.isfinite(full) and full > warm
     buffer = io.BytesIO()
@@ -165,12 +200,16 @@ def test_mper_forward_traces_as_one_graph_for_torch_compile():
     network = mper(3)
     compiled = torch.compile(network, backend="eager", fullgraph=True)
     outputs, aux = compiled(torch.randn(2, 1, 32, 32), return_aux=True)
-    assert aux.similarities.shape == (2, 3, 2, 32, 32)
+    assert aux.features.shape[2:] == (32, 32) and aux.linear_logits.shape == (2, 3, 32, 32)
 
 
 def test_autocast_keeps_the_prototype_path_finite():
     network = mper(3, dim=3)
     network.classifier.initialized.fill_(True)
+    labels = torch.randint(0, 3, (2, 16, 32, 32))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         outputs, aux = network(torch.randn(2, 1, 16, 32, 32), return_aux=True)
-    assert torch.isfinite(aux.prototype_logits.float()).all() and aux.similarities.abs().max() <= 1.01
+        scores = network.classifier.scores(aux.features, labels)
+    assert all(term.dtype in (torch.float32, torch.int64) for term in scores[:4])
+    assert all(torch.isfinite(term).all() for term in scores[:4]) and scores.logits.abs().max() <= 1.01 / 0.1
+    scores.contrast.mean().backward()

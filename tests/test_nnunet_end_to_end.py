@@ -397,14 +397,14 @@ def test_prototypes_come_from_eval_mode_embeddings_after_warmup_and_the_first_up
     seen = {}
     original = classifier.ema_update
 
-    def spy(features, labels, valid, similarities, extra_mask=None, tally=None):
-        seen["expected"] = classifier.similarities(features)
-        seen["given"] = similarities
-        return original(features, labels, valid, similarities, extra_mask, tally)
+    def spy(features, labels, valid, nearest, correct, extra_mask=None, tally=None):
+        seen["expected"] = classifier.assignments(features, labels)
+        seen["given"] = (nearest, correct)
+        return original(features, labels, valid, nearest, correct, extra_mask, tally)
     monkeypatch.setattr(classifier, "ema_update", spy)
     initialised = classifier.prototypes.clone()
     trainer.train_step(next(trainer.dataloader_train))
-    assert torch.allclose(seen["given"], seen["expected"], atol=1e-6)
+    assert all(torch.equal(given, expected) for given, expected in zip(seen["given"], seen["expected"]))
     assert not torch.equal(classifier.prototypes, initialised)
 
 

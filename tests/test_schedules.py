@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from nnunetv2_proto.losses import VoxelTarget, prototype_contrast_loss
+from nnunetv2_proto.heads.multi_prototype import MultiPrototypeClassifier
+from nnunetv2_proto.losses import VoxelTarget
 from nnunetv2_proto.training.schedules import (MPER_FROM_TRAINED_PHASES, MPER_OFFICIAL_PHASES, MPER_PHASES,
                                                PhasePlan)
 from nnunetv2_proto.training.trainer_base import concat_batches, split_batch
@@ -40,20 +41,21 @@ def test_the_ramp_starts_with_the_main_phase_and_reaches_one_at_its_fraction_of_
 
 def test_ppc_targets_the_true_class_and_its_nearest_prototype_at_temperature_t():
     generator = torch.Generator().manual_seed(0)
-    k, m, t = 3, 2, 0.1
-    similarities = torch.rand(2, k, m, 4, 5, generator=generator) * 2 - 1
+    k, m, c, t = 3, 2, 5, 0.07
+    classifier = MultiPrototypeClassifier(k, m, c, temperature=t)
+    features = torch.randn(2, c, 4, 5, generator=generator)
     labels = torch.randint(0, k, (2, 4, 5), generator=generator)
-    valid = torch.ones_like(labels, dtype=torch.bool)
-    expected = []
+    scores = classifier.scores(features, labels)
     for b in range(2):  # the definition, voxel by voxel
         for y in range(4):
             for x in range(5):
-                s = similarities[b, :, :, y, x]
-                c = int(labels[b, y, x])
-                target = c * m + int(s[c].argmax())
-                expected.append(F.cross_entropy((s.flatten() / t)[None], torch.tensor([target])))
-    assert float(prototype_contrast_loss(similarities, labels, valid, t)) == pytest.approx(
-        float(torch.stack(expected).mean()), rel=1e-5)
+                s = F.cosine_similarity(features[b, :, y, x].view(1, 1, c), classifier.prototypes, dim=-1)
+                true = int(labels[b, y, x])
+                target = true * m + int(s[true].argmax())
+                expected = F.cross_entropy((s.flatten() / t)[None], torch.tensor([target]))
+                assert float(scores.contrast[b, y, x]) == pytest.approx(float(expected), rel=1e-5, abs=1e-5)
+                assert float(scores.distance[b, y, x]) == pytest.approx(float((1 - s[true].max()) ** 2), abs=1e-6)
+                assert int(scores.nearest[b, y, x]) == int(s[true].argmax())
 
 
 def test_split_batch_and_concat_batches_are_inverse():

@@ -61,29 +61,38 @@ class nnUNetTrainerMPER(PhasedTrainerMixin, PrototypeTrainerBase):
 
     def mper_objective(self, segmentation_loss, prototype_loss) -> MPERObjective:
         """MPER's objective around this family's segmentation losses (linear outputs, prototype logits)."""
-        return MPERObjective(segmentation_loss, prototype_loss, self.label_layout, self.mper_config.temperature,
-                             self.loss_weights, self.consistency_kind)
+        return MPERObjective(segmentation_loss, prototype_loss, self.label_layout, self.loss_weights,
+                             self.consistency_kind)
 
     def build_objective(self) -> MPERObjective:
         return self.mper_objective(self.loss, FullResolutionTarget(self.full_resolution_loss))
 
-    def compute_loss(self, output, aux, target, voxels: VoxelTarget):
+    def forward_and_loss(self, data, target, voxels: VoxelTarget):
+        """Also returns, for the EMA update, the features and the step's ``PrototypeScores`` (None before any
+        class has prototypes)."""
         network = self.core_network
+        output, aux = self.network(data, return_aux=True)
         if not self.in_prototype_phase or not bool(network.classifier.initialized.any()):
-            return self.objective(output, aux, target, voxels=voxels)
-        return self.objective(output, aux, target, network.prototype_output_logits(aux.prototype_logits),
-                              self.prototype_loss_weight(), voxels=voxels)
+            loss, parts = self.objective(output, aux, target, voxels=voxels)
+            return loss, parts, (aux.features, None)
+        scores = network.classifier.scores(aux.features, voxels.labels)
+        loss, parts = self.objective(output, aux, target, scores, network.prototype_output_logits(scores.logits),
+                                     self.prototype_loss_weight(), voxels=voxels)
+        return loss, parts, (aux.features, scores)
 
-    def after_optimizer_step(self, aux, voxels: VoxelTarget) -> None:
-        super().after_optimizer_step(aux, voxels)
+    def after_optimizer_step(self, step_outputs, voxels: VoxelTarget) -> None:
+        super().after_optimizer_step(step_outputs, voxels)
         if not self.in_prototype_phase:
             return
         classifier = self.core_network.classifier
-        similarities = aux.similarities
-        if not bool(classifier.initialized.all()) and self._initialize_missing_classes(aux.features, voxels):
-            # the forward pass compared the voxels with the random pre-initialisation prototypes
-            similarities = classifier.similarities(aux.features)
-        counts = classifier.ema_update(aux.features, voxels.labels, voxels.valid, similarities, voxels.update_mask,
+        features, scores = step_outputs
+        initialized_now = not bool(classifier.initialized.all()) and self._initialize_missing_classes(features, voxels)
+        if scores is None or initialized_now:
+            # the forward pass compared the voxels with the random pre-initialisation prototypes (or none)
+            nearest, correct = classifier.assignments(features, voxels.labels)
+        else:
+            nearest, correct = scores.nearest, scores.correct
+        counts = classifier.ema_update(features, voxels.labels, voxels.valid, nearest, correct, voxels.update_mask,
                                        tally=voxels.from_unlabeled)
         counts = torch.stack(counts) if isinstance(counts, tuple) else counts.unsqueeze(0)
         # (1 or 2, K, M): all updating voxels, and of them the pseudo-labelled ones

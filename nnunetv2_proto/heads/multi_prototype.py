@@ -5,6 +5,11 @@ EMA, never by gradient, so DDP neither syncs gradients for them nor complains th
 have none, and the state dict (checkpoints, ``nnUNetv2_predict``) carries them.
 
 - similarity s_{k,m}(x) = cos(e(x), p_{k,m}); class logit = max_m s_{k,m}(x) / T.
+- ``scores``: in one autograd function, the class logits and, against the true labels, the
+  per-voxel contrast (PPC) and distance (PPD) terms and each voxel's nearest own-class
+  prototype. It keeps no (B, K, M, *s) tensor for backward: backward recomputes the K*M
+  similarities from the normalised C-channel embedding, so at many classes (K*M > C) memory
+  grows with K, not K*M, and no elementwise pass runs twice (``benchmark-heads --num-classes 14``).
 - ``ema_update``: for every (k, m), the mean embedding of voxels of true class k whose
   nearest class-k prototype is m and that the prototype classifier gets right; one
   scatter-add over (class, prototype) slots, all-reduced under torch.distributed so every
@@ -19,7 +24,7 @@ have none, and the state dict (checkpoints, ``nnUNetv2_predict``) carries them.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -53,6 +58,106 @@ def kmeans_centres(samples: np.ndarray, num_centres: int, seed: int) -> np.ndarr
     return centres / np.linalg.norm(centres, axis=1, keepdims=True).clip(1e-8)
 
 
+class PrototypeScores(NamedTuple):
+    """What one training step needs from the prototype classifier, for a batch with labels."""
+    logits: torch.Tensor    # (B, K, *s) fp32 class logits, max_m cos / T; unseen classes at -1/T
+    contrast: torch.Tensor  # (B, *s) PPC: cross-entropy over all K*M similarities / T, target (label, nearest)
+    distance: torch.Tensor  # (B, *s) PPD: (1 - cos to the nearest own-class prototype)^2
+    nearest: torch.Tensor   # (B, *s) int64, index m of the nearest own-class prototype (no gradient)
+    correct: torch.Tensor   # (B, *s) bool, the prototype classifier predicts the true class (no gradient)
+
+
+def _at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
+def _unit_embedding(features: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(B, C, *s) -> unit-norm embedding (B, C, N) and inverse norms (B, 1, N), at least in fp32."""
+    features = _at_least_fp32(features).flatten(2)
+    inverse_norm = (features * features).sum(1, keepdim=True).sqrt_().clamp_min_(1e-12).reciprocal_()
+    return features * inverse_norm, inverse_norm
+
+
+def _scaled_similarities(unit: torch.Tensor, prototypes: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(B, C, N) unit embedding, (K, M, C) prototypes -> cos / T as (B, M, K, N).
+
+    Prototype-major slot order, so that max over a class's prototypes and the sums over all slots
+    reduce over outer dimensions (contiguous, vectorised) in nnU-Net's channel-first layout.
+    """
+    k, m, c = prototypes.shape
+    slots = torch.matmul(_at_least_fp32(prototypes).transpose(0, 1).reshape(m * k, c), unit)
+    return slots.div_(temperature).view(unit.shape[0], m, k, -1)
+
+
+class _FusedPrototypeScores(torch.autograd.Function):
+    """``PrototypeScores`` with a hand-written backward that recomputes the K*M similarities.
+
+    With z = cos / T (B, M, K, N), the gradient w.r.t. z is
+      logits = max_m z:              dL/dlogit_k at each seen class's winning prototype,
+      PPC = logsumexp(z) - z_target: dL/dPPC (softmax(z) - onehot(target)),
+      PPD = (1 - T z_target)^2:      -2 T dL/dPPD (1 - s_target) at the target,
+    and it reaches the features through cos = <f, p> / |f|. Saved for backward: the features (the
+    1x1 conv that reads them keeps them anyway), the inverse norms, the outputs, and per voxel the
+    target's z and the log-sum-exp: nothing of size K*M per voxel. The winning prototype is found
+    again in backward as the slot whose recomputed z equals the logit (the same float operations).
+    """
+
+    @staticmethod
+    def forward(ctx, features: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor, unseen: torch.Tensor,
+                temperature: float):
+        batch, spatial = features.shape[0], features.shape[2:]
+        k, m, _ = prototypes.shape
+        flat_labels = labels.reshape(batch, 1, 1, -1)
+        with torch.autocast(features.device.type, enabled=False):
+            unit, inverse_norm = _unit_embedding(features)
+            z = _scaled_similarities(unit, prototypes, temperature)
+            del unit
+            best = z.amax(1)
+            target_z, nearest = z.gather(2, flat_labels.expand(-1, m, 1, -1)).squeeze(2).max(1)
+            # log-sum-exp over all slots, shifted by each voxel's largest z
+            shift = best.amax(1, keepdim=True)
+            log_sum_exp = z.sub_(shift.unsqueeze(1)).exp_().sum((1, 2)).log_().add_(shift.squeeze(1))
+            del z
+        logits = best.masked_fill_(unseen.view(1, k, 1), -1.0 / temperature)
+        # the own class's logit is target_z: right where it is the largest (argmax without the index search)
+        correct = (target_z >= logits.amax(1)) & ~unseen[labels.reshape(batch, -1)]
+        contrast = log_sum_exp - target_z
+        distance = (1 - temperature * target_z) ** 2
+        ctx.temperature = temperature
+        ctx.save_for_backward(features, prototypes, flat_labels, unseen, inverse_norm, logits, nearest, target_z,
+                              log_sum_exp)
+        ctx.mark_non_differentiable(nearest, correct)
+        return (logits.view(batch, k, *spatial), contrast.view(batch, *spatial), distance.view(batch, *spatial),
+                nearest.view(batch, *spatial), correct.view(batch, *spatial))
+
+    @staticmethod
+    def backward(ctx, grad_logits, grad_contrast, grad_distance, _grad_nearest, _grad_correct):
+        features, prototypes, flat_labels, unseen, inverse_norm, logits, nearest, target_z, log_sum_exp = \
+            ctx.saved_tensors
+        t = ctx.temperature
+        batch, k = features.shape[0], prototypes.shape[0]
+        grad_logits = grad_logits.reshape(batch, 1, k, -1).masked_fill(unseen.view(1, 1, k, 1), 0.0)
+        grad_contrast = grad_contrast.reshape(batch, 1, 1, -1)
+        grad_distance = grad_distance.reshape(batch, 1, 1, -1)
+        with torch.autocast(features.device.type, enabled=False):
+            unit, _ = _unit_embedding(features)
+            z = _scaled_similarities(unit, prototypes, t)
+            winner = z == logits.unsqueeze(1)
+            grad_z = z.sub_(log_sum_exp.view(batch, 1, 1, -1)).exp_().mul_(grad_contrast)
+            grad_z.add_(winner.to(grad_z.dtype).mul_(grad_logits))
+            del winner
+            at_target = -grad_contrast - 2 * t * grad_distance * (1 - t * target_z.view(batch, 1, 1, -1))
+            grad_z.view(batch, -1, grad_z.shape[-1]).scatter_add_(1, (nearest.unsqueeze(1) * k + flat_labels.view(
+                batch, 1, -1)), at_target.view(batch, 1, -1))
+            m, c = prototypes.shape[1], prototypes.shape[2]
+            slot_prototypes = _at_least_fp32(prototypes).transpose(0, 1).reshape(m * k, c)
+            grad_unit = torch.matmul(slot_prototypes.T, grad_z.view(batch, m * k, -1).div_(t))
+            del grad_z
+            # through the normalisation: (g - u <u, g>) / |f|
+            grad_features = (grad_unit - unit * (unit * grad_unit).sum(1, keepdim=True)).mul_(inverse_norm)
+        return grad_features.view(features.shape).to(features.dtype), None, None, None, None
+
+
 class MultiPrototypeClassifier(nn.Module):
     def __init__(self, num_classes: int, prototypes_per_class: int, embedding_dim: int,
                  temperature: float = 0.1, momentum: float = 0.99):
@@ -70,55 +175,52 @@ class MultiPrototypeClassifier(nn.Module):
     def prototypes_per_class(self) -> int:
         return self.prototypes.shape[1]
 
-    def similarities(self, features: torch.Tensor) -> torch.Tensor:
-        """features (B, C, *s), any norm -> cosine similarities (B, K, M, *s), in fp32.
-
-        cos = <f, p> / |f|: dividing the K*M dot products instead of normalising the features
-        means no normalised C-channel copy of the full-resolution embedding exists during the
-        training step (the EMA update normalises after backward); the norm is accumulated in fp32
-        under autocast.
-        """
-        dots = torch.einsum("bc...,kmc->bkm...", features, self.prototypes.to(features.dtype))
-        norms = torch.linalg.vector_norm(features, dim=1, keepdim=True, dtype=torch.float32)
-        return dots / norms.clamp_min(1e-12).unsqueeze(2)  # fp32 by type promotion
-
-    def logits(self, similarities: torch.Tensor) -> torch.Tensor:
-        """(B, K, M, *s) -> class logits (B, K, *s) = max over prototypes / T.
+    @torch.no_grad()
+    def class_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """features (B, C, *s), any norm -> class logits (B, K, *s) = max over prototypes of cos / T, fp32
+        (inference: no labels, no gradient).
 
         Classes whose prototypes were never initialised (not seen yet) get the lowest possible
         logit, so random initial prototypes cannot win by chance.
         """
-        # max, not amax: amax's backward spreads the gradient over ties with extra full-size
-        # comparisons and divisions, about twice the time on CPU; exact ties have measure zero
-        logits = similarities.max(2).values / self.temperature
-        unseen = ~self.initialized.view(1, -1, *([1] * (logits.ndim - 2)))
-        return logits.masked_fill(unseen, -1.0 / self.temperature)
+        with torch.autocast(features.device.type, enabled=False):
+            unit, _ = _unit_embedding(features)
+            logits = _scaled_similarities(unit, self.prototypes, self.temperature).amax(1)
+        logits = logits.masked_fill_(~self.initialized.view(1, -1, 1), -1.0 / self.temperature)
+        return logits.view(features.shape[0], self.num_classes, *features.shape[2:])
+
+    def scores(self, features: torch.Tensor, labels: torch.Tensor) -> PrototypeScores:
+        """features (B, C, *s), labels (B, *s) exclusive classes -> the step's ``PrototypeScores`` (fp32)."""
+        return PrototypeScores(*_FusedPrototypeScores.apply(features, self.prototypes, labels, ~self.initialized,
+                                                            self.temperature))
+
+    @torch.no_grad()
+    def assignments(self, features: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(nearest own-class prototype, classifier right) per voxel, both (B, *s), as ``ema_update`` takes them."""
+        scores = self.scores(features, labels)
+        return scores.nearest, scores.correct
 
     @torch.no_grad()
     def ema_update(self, features: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
-                   similarities: torch.Tensor, extra_mask: Optional[torch.Tensor] = None,
+                   nearest: torch.Tensor, correct: torch.Tensor, extra_mask: Optional[torch.Tensor] = None,
                    tally: Optional[torch.Tensor] = None) -> torch.Tensor:
         """One EMA step; returns the (K, M) voxel counts that moved each prototype (summed over ranks), and
         with a ``tally`` mask (B, *s) a second (K, M) count of those voxels among them (e.g. pseudo-labelled).
 
         ``features`` (B, C, *s) are normalised here, after backward has freed the activations.
 
-        Works in nnU-Net's channel-first layout: per voxel the nearest prototype of its own class
-        and the classifier's prediction, then one scatter-add of the embeddings into (class,
-        prototype) slots -- no copy of the (B, K, M, *s) similarities.
+        ``nearest`` and ``correct`` (B, *s) come from this step's ``scores`` (or ``assignments``): the
+        nearest own-class prototype and whether the classifier predicts the true class. One scatter-add
+        of the embeddings into (class, prototype) slots, in nnU-Net's channel-first layout.
         """
         k, m, c = self.prototypes.shape
         batch = features.shape[0]
-        sims = similarities.detach()
-        own = sims.gather(1, labels.unsqueeze(1).unsqueeze(1).expand(-1, 1, m, *labels.shape[1:])).squeeze(1)
-        nearest = own.max(1).indices
-        predicted = self.logits(sims).max(1).indices
-        selected = valid & (predicted == labels) & self.initialized[labels]
+        selected = valid & correct & self.initialized[labels]
         if extra_mask is not None:
             selected &= extra_mask
         # unselected voxels go to a spare slot that is dropped afterwards
         slot = torch.where(selected, labels * m + nearest, torch.full_like(labels, k * m)).reshape(batch, 1, -1)
-        e = F.normalize(features.detach().float(), dim=1).reshape(batch, c, -1)
+        e, _ = _unit_embedding(features.detach())
         # (contiguous: all_reduce needs contiguous memory)
         sums = e.new_zeros(batch, c, k * m + 1).scatter_add_(2, slot.expand(-1, c, -1), e).sum(0)[:, :-1].T.contiguous()
         counts = torch.bincount(slot.flatten(), minlength=k * m + 1)[:-1].float()

@@ -33,9 +33,9 @@ class MPERConfig:
 
 
 class MPERAux(NamedTuple):
+    """The training step's view of the network; the prototype scores need the labels, so the trainer asks
+    ``classifier.scores(features, labels)`` for them."""
     features: torch.Tensor           # (B, C, *s) full-resolution decoder features (the embedding, unnormalised)
-    similarities: torch.Tensor       # (B, K_excl, M, *s)
-    prototype_logits: torch.Tensor   # (B, K_excl, *s) exclusive-class logits
     linear_logits: torch.Tensor      # (B, K, *s) the full-resolution linear output
 
 
@@ -57,13 +57,10 @@ class MPERNetwork(DecoderHeadNetwork):
     def full_resolution_output(self, skips, stage_features, return_aux):
         features = stage_features[-1]
         linear = self.decoder.seg_layers[-1](features)
-        if not return_aux and (self.training or self.inference == "linear"):
-            return linear, None
-        similarities = self.classifier.similarities(features)
-        prototype_logits = self.classifier.logits(similarities)
-        aux = MPERAux(features, similarities, prototype_logits, linear) if return_aux else None
+        aux = MPERAux(features, linear) if return_aux else None
         if self.training or self.inference == "linear":
             return linear, aux
+        prototype_logits = self.classifier.class_logits(features)
         prototype_output = self.prototype_output_logits(prototype_logits).to(linear.dtype)
         if self.inference == "prototype":
             return prototype_output, aux
