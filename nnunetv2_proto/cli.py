@@ -88,6 +88,16 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_inference_mode(args: argparse.Namespace) -> int:
+    from nnunetv2_proto.evaluation.inference_modes import derive_inference_run, derived_trainer_name, describe
+    for fold in args.f:
+        print(describe(derive_inference_run(args.d, args.c, args.tr, fold, args.mode, args.p, args.device, args.np,
+                                            args.replace)))
+    print(f"compare it with: nnunetv2-proto compare -d {args.d} -c {args.c} -f {' '.join(map(str, args.f))} "
+          f"-tr {args.tr} {derived_trainer_name(args.tr, args.mode)}")
+    return 0
+
+
 def _cmd_benchmark_heads(args: argparse.Namespace) -> int:
     from nnunetv2_proto.profiling.benchmark_heads import benchmark_heads, format_benchmark
     report = benchmark_heads(args.d, args.c, args.tr, args.p, args.baseline, args.num_classes, args.steps,
@@ -177,6 +187,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compare the runs and predicted cases that exist; list the rest as missing")
     p.add_argument("-np", type=int, default=2, help="processes for evaluation")
     p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("inference-mode",
+                       help="score a trained MPER model's prototype or fused inference from the same weights")
+    p.add_argument("-d", required=True, help="dataset id or name")
+    p.add_argument("-c", required=True, help="configuration, e.g. 3d_cpu")
+    p.add_argument("-tr", required=True, help="the trained MPER run, e.g. nnUNetTrainerMPER_cpuBudgetLong_seed1")
+    p.add_argument("-f", nargs="+", type=int, default=[0], help="folds (default 0)")
+    p.add_argument("--mode", required=True, choices=["prototype", "fused", "linear"])
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("-np", type=int, default=1, help="processes for preprocessing, export and scoring")
+    p.add_argument("--replace", action="store_true", help="predict again if the derived run exists")
+    p.set_defaults(func=_cmd_inference_mode)
 
     p = sub.add_parser("benchmark-heads", help="train-step time, peak memory, inference time vs a baseline")
     p.add_argument("-d", required=True, help="dataset id or name (its plans are used)")

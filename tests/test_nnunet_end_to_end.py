@@ -408,6 +408,36 @@ def test_prototypes_come_from_eval_mode_embeddings_after_warmup_and_the_first_up
     assert not torch.equal(classifier.prototypes, initialised)
 
 
+def test_inference_mode_scores_mper_prototype_inference_from_the_same_weights(workspace):
+    """``inference-mode``: a sibling run with the same checkpoint and another inference mode, predicted and scored as
+    nnU-Net's final validation; in linear mode it reproduces the source's own validation exactly."""
+    from nnunetv2_proto.evaluation.inference_modes import derived_trainer_name
+    env, source = workspace["env"], "nnUNetTrainerMPER_testBudget"
+    assert derived_trainer_name("nnUNetTrainerMPER_cpuBudgetLong_seed3", "prototype") == \
+        "nnUNetTrainerMPER_cpuBudgetLong_protoInference_seed3"
+    cli = [command("nnunetv2-proto"), "inference-mode", "-d", DATASET_ID, "-c", CONFIGURATION, "-f", "0"]
+    for mode in ("linear", "prototype"):
+        run(cli + ["-tr", source, "--mode", mode], env)
+    linear = output_folder(env, derived_trainer_name(source, "linear"))
+    prototype = output_folder(env, derived_trainer_name(source, "prototype"))
+    original = output_folder(env, source)
+    for folder in (linear, prototype):
+        assert (folder / "checkpoint_final.pth").resolve() == (original / "checkpoint_final.pth").resolve()
+        summary = json.loads((folder / "validation" / "summary.json").read_text())
+        assert len(summary["metric_per_case"]) == len(workspace["val_cases"])
+    spec = json.loads((prototype.parent / "plans.json").read_text())["configurations"][CONFIGURATION]["prototype_head"]
+    assert spec["config"]["inference"] == "prototype"
+    read = lambda path: sitk.GetArrayFromImage(sitk.ReadImage(str(path)))  # noqa: E731
+    for case in workspace["val_cases"]:
+        assert np.array_equal(read(linear / "validation" / f"{case}.nii.gz"),
+                              read(original / "validation" / f"{case}.nii.gz"))
+    # existing results are not overwritten silently; a model without an MPER head is refused
+    again = run(cli + ["-tr", source, "--mode", "prototype"], env, expect=2)
+    assert "--replace" in again.stderr + again.stdout
+    vanilla = run(cli + ["-tr", "nnUNetTrainer_testBudget", "--mode", "prototype"], env, expect=2)
+    assert "not trained by an MPER trainer" in vanilla.stderr + vanilla.stdout
+
+
 def test_mper_from_vanilla_starts_from_the_finished_vanilla_model(workspace, monkeypatch):
     """Every weight of the vanilla checkpoint, its final 1x1 conv included, and prototypes from its features
     before the first step; through nnUNetv2_train too."""
