@@ -93,8 +93,11 @@ def _cmd_inference_mode(args: argparse.Namespace) -> int:
     for fold in args.f:
         print(describe(derive_inference_run(args.d, args.c, args.tr, fold, args.mode, args.p, args.device, args.np,
                                             args.replace)))
-    print(f"compare it with: nnunetv2-proto compare -d {args.d} -c {args.c} -f {' '.join(map(str, args.f))} "
-          f"-tr {args.tr} {derived_trainer_name(args.tr, args.mode)}")
+    from nnunetv2_proto.training.seeding import split_seeded_name
+    seeded = split_seeded_name(args.tr)
+    base, seeds = (seeded[0], f" --seeds {seeded[1]}") if seeded else (args.tr, "")
+    print(f"compare it with: nnunetv2-proto compare -d {args.d} -c {args.c} -f {' '.join(map(str, args.f))}{seeds} "
+          f"-tr {base} {derived_trainer_name(base, args.mode)}")
     return 0
 
 
