@@ -72,6 +72,20 @@ def test_budget_variants_share_one_budget_per_suffix():
         assert steps[name] == 1000 and name[: -len("Long")] in steps, name
 
 
+def test_every_two_stage_trainer_names_a_source_that_exists_with_the_same_budget():
+    """A ``_fromX`` trainer loads the run of ``source_trainer``: that trainer must exist, and a budget variant must
+    start from the same budget (a typo would only surface after a whole first-stage run)."""
+    from nnunetv2_proto.doctor import project_trainers
+    from nnunetv2_proto.training.initial_weights import StartFromTrainedModelMixin
+    trainers = project_trainers()
+    two_stage = {n: c for n, c in trainers.items() if issubclass(c, StartFromTrainedModelMixin)}
+    assert "nnUNetTrainerBCP_labeledList_fromLabeled_cpuBudgetLong" in two_stage
+    for name, cls in two_stage.items():
+        assert cls.source_trainer == "nnUNetTrainer" or cls.source_trainer in trainers, name
+        for suffix in ("_cpuBudget", "_cpuBudgetLong"):
+            assert name.endswith(suffix) == cls.source_trainer.endswith(suffix), name
+
+
 def test_plan_cpu_errors_name_the_problem_and_the_fix(nnunet_env, capsys):
     assert main(["plan-cpu", "-d", "777"]) == 2
     assert "no dataset with id 777" in capsys.readouterr().err

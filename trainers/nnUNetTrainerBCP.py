@@ -8,7 +8,7 @@ weights (1 from labelled patches, 0.5 from pseudo-labelled ones) on every deep-s
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_proto.semi.labeled_subset import LABELED_LIST_FILE
-from nnunetv2_proto.training.budgets import CpuBudgetMixin, SemiSupervisedCpuBudgetMixin
+from nnunetv2_proto.training.budgets import CpuBudgetLongMixin, CpuBudgetMixin, SemiSupervisedCpuBudgetMixin
 from nnunetv2_proto.training.initial_weights import StartFromTrainedModelMixin
 from nnunetv2_proto.training.schedules import SEMI_SUPERVISED_FROM_TRAINED_PHASES, PhasePlan
 from nnunetv2_proto.training.semi_supervised import SemiSupervisedMixin
@@ -62,3 +62,18 @@ class nnUNetTrainerBCP_8labeled_fromLabeled(StartFromTrainedModelMixin, nnUNetTr
 
 class nnUNetTrainerBCP_8labeled_fromLabeled_cpuBudget(CpuBudgetMixin, nnUNetTrainerBCP_8labeled_fromLabeled):
     source_trainer = "nnUNetTrainer_8labeled_cpuBudget"
+
+
+class nnUNetTrainerBCP_labeledList_fromLabeled(StartFromTrainedModelMixin, nnUNetTrainerBCP_labeledList):
+    """The two-stage recipe for patient-counted protocols (ACDC): starts from ``nnUNetTrainer_labeledList``."""
+    source_trainer = "nnUNetTrainer_labeledList"
+    phase_plan: PhasePlan = SEMI_SUPERVISED_FROM_TRAINED_PHASES
+
+
+class nnUNetTrainerBCP_labeledList_fromLabeled_cpuBudget(CpuBudgetMixin, nnUNetTrainerBCP_labeledList_fromLabeled):
+    source_trainer = "nnUNetTrainer_labeledList_cpuBudget"
+
+
+class nnUNetTrainerBCP_labeledList_fromLabeled_cpuBudgetLong(CpuBudgetLongMixin,
+                                                             nnUNetTrainerBCP_labeledList_fromLabeled):
+    source_trainer = "nnUNetTrainer_labeledList_cpuBudgetLong"

@@ -10,7 +10,7 @@ whose teacher confidence exceeds 0.9.
 from nnunetv2_proto.losses import MPERObjective, VoxelWeightedDiceCE
 from nnunetv2_proto.semi.labeled_subset import LABELED_LIST_FILE
 from nnunetv2_proto.trainers.nnUNetTrainerMPER import nnUNetTrainerMPER
-from nnunetv2_proto.training.budgets import CpuBudgetMixin, SemiSupervisedCpuBudgetMixin
+from nnunetv2_proto.training.budgets import CpuBudgetLongMixin, CpuBudgetMixin, SemiSupervisedCpuBudgetMixin
 from nnunetv2_proto.training.initial_weights import StartFromTrainedModelMixin
 from nnunetv2_proto.training.schedules import (MPER_SEMI_SUPERVISED_FROM_TRAINED_PHASES, MPER_SEMI_SUPERVISED_PHASES,
                                                PhasePlan)
@@ -64,3 +64,19 @@ class nnUNetTrainerMPERSemi_8labeled_fromLabeled(StartFromTrainedModelMixin, nnU
 
 class nnUNetTrainerMPERSemi_8labeled_fromLabeled_cpuBudget(CpuBudgetMixin, nnUNetTrainerMPERSemi_8labeled_fromLabeled):
     source_trainer = "nnUNetTrainer_8labeled_cpuBudget"
+
+
+class nnUNetTrainerMPERSemi_labeledList_fromLabeled(StartFromTrainedModelMixin, nnUNetTrainerMPERSemi_labeledList):
+    """The two-stage recipe for patient-counted protocols (ACDC): starts from ``nnUNetTrainer_labeledList``."""
+    source_trainer = "nnUNetTrainer_labeledList"
+    phase_plan: PhasePlan = MPER_SEMI_SUPERVISED_FROM_TRAINED_PHASES
+
+
+class nnUNetTrainerMPERSemi_labeledList_fromLabeled_cpuBudget(CpuBudgetMixin,
+                                                              nnUNetTrainerMPERSemi_labeledList_fromLabeled):
+    source_trainer = "nnUNetTrainer_labeledList_cpuBudget"
+
+
+class nnUNetTrainerMPERSemi_labeledList_fromLabeled_cpuBudgetLong(CpuBudgetLongMixin,
+                                                                  nnUNetTrainerMPERSemi_labeledList_fromLabeled):
+    source_trainer = "nnUNetTrainer_labeledList_cpuBudgetLong"

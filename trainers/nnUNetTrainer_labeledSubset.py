@@ -8,7 +8,7 @@ fold_X/labeled_split.json); ``_labeledList`` reads nnUNet_preprocessed/<dataset>
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_proto.semi.labeled_subset import LABELED_LIST_FILE
-from nnunetv2_proto.training.budgets import CpuBudgetMixin
+from nnunetv2_proto.training.budgets import CpuBudgetLongMixin, CpuBudgetMixin
 from nnunetv2_proto.training.semi_supervised import LabeledSubsetMixin
 
 
@@ -38,3 +38,11 @@ class nnUNetTrainer_labeledList(LabeledSubsetMixin, nnUNetTrainer):
 
 class nnUNetTrainer_8labeled_cpuBudget(CpuBudgetMixin, nnUNetTrainer_8labeled):
     pass
+
+
+class nnUNetTrainer_labeledList_cpuBudget(CpuBudgetMixin, nnUNetTrainer_labeledList):
+    pass
+
+
+class nnUNetTrainer_labeledList_cpuBudgetLong(CpuBudgetLongMixin, nnUNetTrainer_labeledList):
+    """The ACDC labelled-patient baseline (and the two-stage source) at the long CPU budget."""
