@@ -13,6 +13,7 @@ mirroring axes included). ``compare`` then pairs it with the source case by case
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -40,7 +41,7 @@ def _mper_plans_with_mode(source_plans: dict, configuration: str, mode: str, sou
     if not spec or spec.get("kind") != "mper":
         raise SetupError(f"{source} was not trained by an MPER trainer (its plans.json has no MPER head spec for "
                          f"'{configuration}')", "pass the results of an nnUNetTrainerMPER* run")
-    plans = json.loads(json.dumps(source_plans))
+    plans = copy.deepcopy(source_plans)
     plans["configurations"][configuration][HEAD_SPEC_KEY]["config"]["inference"] = mode
     return plans
 
@@ -76,17 +77,16 @@ def derive_inference_run(dataset: str, configuration: str, trainer: str, fold: i
     if link.is_symlink() or link.exists():
         link.unlink()
     os.symlink(checkpoint.resolve(), link)  # same weights, byte for byte
-    _predict_validation_cases(target, dataset, fold, validation, device, num_processes)
+    _predict_validation_cases(folders, target, dataset, fold, validation, device, num_processes)
     return validation
 
 
-def _predict_validation_cases(model_folder: Path, dataset: str, fold: int, output: Path, device: str,
+def _predict_validation_cases(folders: dict, model_folder: Path, dataset: str, fold: int, output: Path, device: str,
                               num_processes: int) -> None:
     import torch
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
-    folders = require_nnunet_folders()
     splits = json.loads((folders["nnUNet_preprocessed"] / dataset / "splits_final.json").read_text())
     cases = splits[fold]["val"]
     predictor = nnUNetPredictor(device=torch.device(device), perform_everything_on_device=device != "cpu",

@@ -78,15 +78,20 @@ def _unit_embedding(features: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]
     return features * inverse_norm, inverse_norm
 
 
+def _slot_prototypes(prototypes: torch.Tensor) -> torch.Tensor:
+    """(K, M, C) -> (M*K, C), at least in fp32, prototype-major: the slot order of ``_scaled_similarities``."""
+    k, m, c = prototypes.shape
+    return _at_least_fp32(prototypes).transpose(0, 1).reshape(m * k, c)
+
+
 def _scaled_similarities(unit: torch.Tensor, prototypes: torch.Tensor, temperature: float) -> torch.Tensor:
     """(B, C, N) unit embedding, (K, M, C) prototypes -> cos / T as (B, M, K, N).
 
     Prototype-major slot order, so that max over a class's prototypes and the sums over all slots
     reduce over outer dimensions (contiguous, vectorised) in nnU-Net's channel-first layout.
     """
-    k, m, c = prototypes.shape
-    slots = torch.matmul(_at_least_fp32(prototypes).transpose(0, 1).reshape(m * k, c), unit)
-    return slots.div_(temperature).view(unit.shape[0], m, k, -1)
+    k, m, _ = prototypes.shape
+    return torch.matmul(_slot_prototypes(prototypes), unit).div_(temperature).view(unit.shape[0], m, k, -1)
 
 
 class _FusedPrototypeScores(torch.autograd.Function):
@@ -149,9 +154,7 @@ class _FusedPrototypeScores(torch.autograd.Function):
             at_target = -grad_contrast - 2 * t * grad_distance * (1 - t * target_z.view(batch, 1, 1, -1))
             grad_z.view(batch, -1, grad_z.shape[-1]).scatter_add_(1, (nearest.unsqueeze(1) * k + flat_labels.view(
                 batch, 1, -1)), at_target.view(batch, 1, -1))
-            m, c = prototypes.shape[1], prototypes.shape[2]
-            slot_prototypes = _at_least_fp32(prototypes).transpose(0, 1).reshape(m * k, c)
-            grad_unit = torch.matmul(slot_prototypes.T, grad_z.view(batch, m * k, -1).div_(t))
+            grad_unit = torch.matmul(_slot_prototypes(prototypes).T, grad_z.flatten(1, 2).div_(t))
             del grad_z
             # through the normalisation: (g - u <u, g>) / |f|
             grad_features = (grad_unit - unit * (unit * grad_unit).sum(1, keepdim=True)).mul_(inverse_norm)
