@@ -69,9 +69,11 @@ def composed_scores(features, prototypes, labels, unseen, temperature):
     return logits, contrast, distance, nearest
 
 
-@pytest.mark.parametrize("shape", [(2, 6, 5, 7), (2, 6, 3, 4, 5)])
-def test_fused_scores_equal_the_composed_definitions_in_value_and_gradient(shape):
+@pytest.mark.parametrize("shape,temperature", [((2, 6, 5, 7), 0.1), ((2, 6, 3, 4, 5), 0.1),
+                                               ((2, 6, 5, 7), 0.005)])  # 1/T > 40: the shifted log-sum-exp
+def test_fused_scores_equal_the_composed_definitions_in_value_and_gradient(shape, temperature):
     classifier = initialised_classifier().double()
+    classifier.temperature = temperature
     classifier.initialized[1] = False
     generator = torch.Generator().manual_seed(3)
     features = torch.randn(*shape, generator=generator, dtype=torch.double, requires_grad=True)
@@ -89,6 +91,21 @@ def test_fused_scores_equal_the_composed_definitions_in_value_and_gradient(shape
     expected_gradient = gradient(composed[:3])
     assert torch.allclose(gradient(fused[:3]), expected_gradient) and expected_gradient.abs().sum() > 0
     assert torch.autograd.gradcheck(lambda f: classifier.scores(f, labels)[:3], (features,))
+
+
+@pytest.mark.parametrize("temperature", [0.025, 0.02])  # either side of the shift-free limit 1/T = 40
+def test_fp32_contrast_stays_finite_and_exact_at_low_temperature(temperature):
+    classifier = initialised_classifier()
+    classifier.temperature = temperature
+    generator = torch.Generator().manual_seed(4)
+    features = torch.randn(2, 6, 9, 9, generator=generator, requires_grad=True)
+    labels = torch.randint(0, 3, (2, 9, 9), generator=generator)
+    scores = classifier.scores(features, labels)
+    expected = composed_scores(features.double(), classifier.prototypes.double(), labels, ~classifier.initialized,
+                               temperature)
+    assert torch.allclose(scores.contrast.double(), expected[1], rtol=1e-4, atol=1e-4)
+    gradient, = torch.autograd.grad(scores.contrast.sum(), features)
+    assert torch.isfinite(gradient).all() and gradient.abs().sum() > 0
 
 
 def test_a_class_absent_from_the_batch_keeps_its_prototypes_and_nothing_becomes_nan():

@@ -78,10 +78,17 @@ def _unit_embedding(features: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]
     return features * inverse_norm, inverse_norm
 
 
-def _slot_prototypes(prototypes: torch.Tensor) -> torch.Tensor:
-    """(K, M, C) -> (M*K, C), at least in fp32, prototype-major: the slot order of ``_scaled_similarities``."""
+# exp(cos / T) of every slot and their sum stay finite in fp32 without a per-voxel shift while
+# 1 / T <= 40 (e^40 ~ 2e17): T = 0.1, MPER's default, then saves a pass over the K*M similarities
+_SHIFT_FREE_MAX_INVERSE_TEMPERATURE = 40.0
+
+
+def _scaled_slot_prototypes(prototypes: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(K, M, C) -> (M*K, C) prototypes / T, at least in fp32, prototype-major: the slot order of
+    ``_scaled_similarities``. Dividing the M*K x C matrix instead of the similarities saves a pass
+    over (B, M*K, N)."""
     k, m, c = prototypes.shape
-    return _at_least_fp32(prototypes).transpose(0, 1).reshape(m * k, c)
+    return (_at_least_fp32(prototypes) / temperature).transpose(0, 1).reshape(m * k, c)
 
 
 def _scaled_similarities(unit: torch.Tensor, prototypes: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -91,7 +98,17 @@ def _scaled_similarities(unit: torch.Tensor, prototypes: torch.Tensor, temperatu
     reduce over outer dimensions (contiguous, vectorised) in nnU-Net's channel-first layout.
     """
     k, m, _ = prototypes.shape
-    return torch.matmul(_slot_prototypes(prototypes), unit).div_(temperature).view(unit.shape[0], m, k, -1)
+    return torch.matmul(_scaled_slot_prototypes(prototypes, temperature), unit).view(unit.shape[0], m, k, -1)
+
+
+def _winning_prototype(z: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
+    """Index over dim 1 of ``z`` (B, M, K, N) where it reaches ``best`` = its max over dim 1 (the last one on
+    ties), as (B, K, N) uint8 (int64 beyond 256 prototypes). ``max(1)``/``argmax(1)`` with indices are 5-30x
+    slower over a non-innermost dimension on a CPU than this comparison and a byte-sized ``amax``."""
+    m = z.shape[1]
+    dtype = torch.uint8 if m <= 256 else torch.int64
+    reached = (z == best.unsqueeze(1)).to(dtype)
+    return (reached * torch.arange(m, dtype=dtype, device=z.device).view(1, m, 1, 1)).amax(1)
 
 
 class _FusedPrototypeScores(torch.autograd.Function):
@@ -102,9 +119,11 @@ class _FusedPrototypeScores(torch.autograd.Function):
       PPC = logsumexp(z) - z_target: dL/dPPC (softmax(z) - onehot(target)),
       PPD = (1 - T z_target)^2:      -2 T dL/dPPD (1 - s_target) at the target,
     and it reaches the features through cos = <f, p> / |f|. Saved for backward: the features (the
-    1x1 conv that reads them keeps them anyway), the inverse norms, the outputs, and per voxel the
-    target's z and the log-sum-exp: nothing of size K*M per voxel. The winning prototype is found
-    again in backward as the slot whose recomputed z equals the logit (the same float operations).
+    1x1 conv that reads them keeps them anyway), the inverse norms, the outputs, per voxel the
+    target's z and the log-sum-exp, and per voxel and class the index of the winning prototype (one
+    byte): nothing of size K*M per voxel. The (B, M*K, N) tensors are memory-bound on a CPU, so the
+    forward passes over them five times (matmul, max, winner, exp, sum) and the backward four times
+    (matmul, exp, scale, matmul); the winners' and targets' gradients are scattered, not masked.
     """
 
     @staticmethod
@@ -113,15 +132,19 @@ class _FusedPrototypeScores(torch.autograd.Function):
         batch, spatial = features.shape[0], features.shape[2:]
         k, m, _ = prototypes.shape
         flat_labels = labels.reshape(batch, 1, 1, -1)
+        shift_free = 1.0 / temperature <= _SHIFT_FREE_MAX_INVERSE_TEMPERATURE
         with torch.autocast(features.device.type, enabled=False):
             unit, inverse_norm = _unit_embedding(features)
             z = _scaled_similarities(unit, prototypes, temperature)
             del unit
             best = z.amax(1)
+            winner = _winning_prototype(z, best)
             target_z, nearest = z.gather(2, flat_labels.expand(-1, m, 1, -1)).squeeze(2).max(1)
-            # log-sum-exp over all slots, shifted by each voxel's largest z
-            shift = best.amax(1, keepdim=True)
-            log_sum_exp = z.sub_(shift.unsqueeze(1)).exp_().sum((1, 2)).log_().add_(shift.squeeze(1))
+            if shift_free:
+                log_sum_exp = z.exp_().sum((1, 2)).log_()
+            else:  # shift by each voxel's largest z so that exp cannot overflow
+                shift = best.amax(1, keepdim=True)
+                log_sum_exp = z.sub_(shift.unsqueeze(1)).exp_().sum((1, 2)).log_().add_(shift.squeeze(1))
             del z
         logits = best.masked_fill_(unseen.view(1, k, 1), -1.0 / temperature)
         # the own class's logit is target_z: right where it is the largest (argmax without the index search)
@@ -129,15 +152,16 @@ class _FusedPrototypeScores(torch.autograd.Function):
         contrast = log_sum_exp - target_z
         distance = (1 - temperature * target_z) ** 2
         ctx.temperature = temperature
-        ctx.save_for_backward(features, prototypes, flat_labels, unseen, inverse_norm, logits, nearest, target_z,
-                              log_sum_exp)
+        ctx.shift_free = shift_free
+        ctx.save_for_backward(features, prototypes, flat_labels, unseen, inverse_norm, winner,
+                              nearest, target_z, log_sum_exp)
         ctx.mark_non_differentiable(nearest, correct)
         return (logits.view(batch, k, *spatial), contrast.view(batch, *spatial), distance.view(batch, *spatial),
                 nearest.view(batch, *spatial), correct.view(batch, *spatial))
 
     @staticmethod
     def backward(ctx, grad_logits, grad_contrast, grad_distance, _grad_nearest, _grad_correct):
-        features, prototypes, flat_labels, unseen, inverse_norm, logits, nearest, target_z, log_sum_exp = \
+        features, prototypes, flat_labels, unseen, inverse_norm, winner, nearest, target_z, log_sum_exp = \
             ctx.saved_tensors
         t = ctx.temperature
         batch, k = features.shape[0], prototypes.shape[0]
@@ -145,19 +169,22 @@ class _FusedPrototypeScores(torch.autograd.Function):
         grad_contrast = grad_contrast.reshape(batch, 1, 1, -1)
         grad_distance = grad_distance.reshape(batch, 1, 1, -1)
         with torch.autocast(features.device.type, enabled=False):
-            unit, _ = _unit_embedding(features)
+            unit = features.flatten(2).to(inverse_norm.dtype) * inverse_norm
             z = _scaled_similarities(unit, prototypes, t)
-            winner = z == logits.unsqueeze(1)
-            grad_z = z.sub_(log_sum_exp.view(batch, 1, 1, -1)).exp_().mul_(grad_contrast)
-            grad_z.add_(winner.to(grad_z.dtype).mul_(grad_logits))
-            del winner
+            # softmax(z) dL/dPPC
+            if ctx.shift_free:
+                grad_z = z.exp_().mul_(grad_contrast * (-log_sum_exp.view(batch, 1, 1, -1)).exp())
+            else:
+                grad_z = z.sub_(log_sum_exp.view(batch, 1, 1, -1)).exp_().mul_(grad_contrast)
+            grad_z.scatter_add_(1, winner.unsqueeze(1).long(), grad_logits)
             at_target = -grad_contrast - 2 * t * grad_distance * (1 - t * target_z.view(batch, 1, 1, -1))
             grad_z.view(batch, -1, grad_z.shape[-1]).scatter_add_(1, (nearest.unsqueeze(1) * k + flat_labels.view(
                 batch, 1, -1)), at_target.view(batch, 1, -1))
-            grad_unit = torch.matmul(_slot_prototypes(prototypes).T, grad_z.flatten(1, 2).div_(t))
+            grad_unit = torch.matmul(_scaled_slot_prototypes(prototypes, t).T, grad_z.flatten(1, 2))
             del grad_z
             # through the normalisation: (g - u <u, g>) / |f|
-            grad_features = (grad_unit - unit * (unit * grad_unit).sum(1, keepdim=True)).mul_(inverse_norm)
+            grad_features = grad_unit.addcmul_(unit, (unit * grad_unit).sum(1, keepdim=True), value=-1)
+            grad_features.mul_(inverse_norm)
         return grad_features.view(features.shape).to(features.dtype), None, None, None, None
 
 
