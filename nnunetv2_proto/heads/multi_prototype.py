@@ -71,10 +71,13 @@ def _at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
 
 
-def _unit_embedding(features: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(B, C, *s) -> unit-norm embedding (B, C, N) and inverse norms (B, 1, N), at least in fp32."""
+def _unit_embedding(features: torch.Tensor, inverse_norm: Optional[torch.Tensor] = None
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(B, C, *s) -> unit-norm embedding (B, C, N) and inverse norms (B, 1, N), at least in fp32; given the
+    inverse norms (backward recomputing the forward's embedding), they are reused, not recomputed."""
     features = _at_least_fp32(features).flatten(2)
-    inverse_norm = (features * features).sum(1, keepdim=True).sqrt_().clamp_min_(1e-12).reciprocal_()
+    if inverse_norm is None:
+        inverse_norm = (features * features).sum(1, keepdim=True).sqrt_().clamp_min_(1e-12).reciprocal_()
     return features * inverse_norm, inverse_norm
 
 
@@ -169,7 +172,7 @@ class _FusedPrototypeScores(torch.autograd.Function):
         grad_contrast = grad_contrast.reshape(batch, 1, 1, -1)
         grad_distance = grad_distance.reshape(batch, 1, 1, -1)
         with torch.autocast(features.device.type, enabled=False):
-            unit = features.flatten(2).to(inverse_norm.dtype) * inverse_norm
+            unit, _ = _unit_embedding(features, inverse_norm)
             z = _scaled_similarities(unit, prototypes, t)
             # softmax(z) dL/dPPC
             if ctx.shift_free:
