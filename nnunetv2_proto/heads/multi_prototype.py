@@ -24,7 +24,7 @@ have none, and the state dict (checkpoints, ``nnUNetv2_predict``) carries them.
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -88,20 +88,10 @@ _SHIFT_FREE_MAX_INVERSE_TEMPERATURE = 40.0
 
 def _scaled_slot_prototypes(prototypes: torch.Tensor, temperature: float) -> torch.Tensor:
     """(K, M, C) -> (M*K, C) prototypes / T, at least in fp32, prototype-major: the slot order of
-    ``_scaled_similarities``. Dividing the M*K x C matrix instead of the similarities saves a pass
+    ``_blocks_of_scaled_similarities``. Dividing the M*K x C matrix instead of the similarities saves a pass
     over (B, M*K, N)."""
     k, m, c = prototypes.shape
     return (_at_least_fp32(prototypes) / temperature).transpose(0, 1).reshape(m * k, c)
-
-
-def _scaled_similarities(unit: torch.Tensor, prototypes: torch.Tensor, temperature: float) -> torch.Tensor:
-    """(B, C, N) unit embedding, (K, M, C) prototypes -> cos / T as (B, M, K, N).
-
-    Prototype-major slot order, so that max over a class's prototypes and the sums over all slots
-    reduce over outer dimensions (contiguous, vectorised) in nnU-Net's channel-first layout.
-    """
-    k, m, _ = prototypes.shape
-    return torch.matmul(_scaled_slot_prototypes(prototypes, temperature), unit).view(unit.shape[0], m, k, -1)
 
 
 def _winning_prototype(z: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
@@ -114,6 +104,33 @@ def _winning_prototype(z: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
     return (reached * torch.arange(m, dtype=dtype, device=z.device).view(1, m, 1, 1)).amax(1)
 
 
+# On a CPU the K*M similarities are memory-bound: each fresh (B, K*M, N) tensor page-faults and every pass over it
+# streams it through RAM. Working through the voxels in blocks of about this many bytes of similarities keeps each
+# block in cache across its passes and recycles small buffers. A GPU gets the whole batch as one block.
+_CPU_BLOCK_BYTES = 1 << 21
+
+
+def _voxel_blocks(num_voxels: int, batch: int, slots: int, device: torch.device) -> List[slice]:
+    if device.type != "cpu":
+        return [slice(0, num_voxels)]
+    size = max(64, _CPU_BLOCK_BYTES // (4 * batch * slots))
+    return [slice(start, min(start + size, num_voxels)) for start in range(0, num_voxels, size)]
+
+
+def _blocks_of_scaled_similarities(unit: torch.Tensor, prototypes: torch.Tensor, temperature: float
+                                   ) -> Iterator[Tuple[slice, torch.Tensor]]:
+    """(B, C, N) unit embedding, (K, M, C) prototypes -> (voxel block, cos / T of the block as (B, M, K, n)).
+
+    Prototype-major slot order, so that max over a class's prototypes and the sums over all slots
+    reduce over outer dimensions (contiguous, vectorised) in nnU-Net's channel-first layout. Every
+    caller goes through the same blocks, so training and inference compute bit-identical scores.
+    """
+    k, m, _ = prototypes.shape
+    slot_prototypes = _scaled_slot_prototypes(prototypes, temperature)
+    for block in _voxel_blocks(unit.shape[-1], unit.shape[0], k * m, unit.device):
+        yield block, torch.matmul(slot_prototypes, unit[..., block]).view(unit.shape[0], m, k, -1)
+
+
 class _FusedPrototypeScores(torch.autograd.Function):
     """``PrototypeScores`` with a hand-written backward that recomputes the K*M similarities.
 
@@ -124,9 +141,10 @@ class _FusedPrototypeScores(torch.autograd.Function):
     and it reaches the features through cos = <f, p> / |f|. Saved for backward: the features (the
     1x1 conv that reads them keeps them anyway), the inverse norms, the outputs, per voxel the
     target's z and the log-sum-exp, and per voxel and class the index of the winning prototype (one
-    byte): nothing of size K*M per voxel. The (B, M*K, N) tensors are memory-bound on a CPU, so the
-    forward passes over them five times (matmul, max, winner, exp, sum) and the backward four times
-    (matmul, exp, scale, matmul); the winners' and targets' gradients are scattered, not masked.
+    byte): nothing of size K*M per voxel. Every output is per voxel, so forward and backward run
+    block by block over the voxels (``_voxel_blocks``): on a CPU a block's similarities stay in
+    cache for their five passes (matmul, max, winner, exp, sum) and backward's four (matmul, exp,
+    scatter, matmul). The winners' and targets' gradients are scattered, not masked.
     """
 
     @staticmethod
@@ -135,20 +153,27 @@ class _FusedPrototypeScores(torch.autograd.Function):
         batch, spatial = features.shape[0], features.shape[2:]
         k, m, _ = prototypes.shape
         flat_labels = labels.reshape(batch, 1, 1, -1)
+        num_voxels = flat_labels.shape[-1]
         shift_free = 1.0 / temperature <= _SHIFT_FREE_MAX_INVERSE_TEMPERATURE
         with torch.autocast(features.device.type, enabled=False):
             unit, inverse_norm = _unit_embedding(features)
-            z = _scaled_similarities(unit, prototypes, temperature)
+            best = unit.new_empty(batch, k, num_voxels)
+            winner = torch.empty(batch, k, num_voxels, dtype=torch.uint8 if m <= 256 else torch.int64,
+                                 device=unit.device)
+            target_z, log_sum_exp = unit.new_empty(batch, num_voxels), unit.new_empty(batch, num_voxels)
+            nearest = torch.empty(batch, num_voxels, dtype=torch.int64, device=unit.device)
+            for block, z in _blocks_of_scaled_similarities(unit, prototypes, temperature):
+                block_best = z.amax(1)
+                best[..., block] = block_best
+                winner[..., block] = _winning_prototype(z, block_best)
+                block_target = flat_labels[..., block].expand(-1, m, 1, -1)
+                target_z[:, block], nearest[:, block] = z.gather(2, block_target).squeeze(2).max(1)
+                if shift_free:
+                    log_sum_exp[:, block] = z.exp_().sum((1, 2)).log_()
+                else:  # shift by each voxel's largest z so that exp cannot overflow
+                    shift = block_best.amax(1, keepdim=True)
+                    log_sum_exp[:, block] = z.sub_(shift.unsqueeze(1)).exp_().sum((1, 2)).log_().add_(shift.squeeze(1))
             del unit
-            best = z.amax(1)
-            winner = _winning_prototype(z, best)
-            target_z, nearest = z.gather(2, flat_labels.expand(-1, m, 1, -1)).squeeze(2).max(1)
-            if shift_free:
-                log_sum_exp = z.exp_().sum((1, 2)).log_()
-            else:  # shift by each voxel's largest z so that exp cannot overflow
-                shift = best.amax(1, keepdim=True)
-                log_sum_exp = z.sub_(shift.unsqueeze(1)).exp_().sum((1, 2)).log_().add_(shift.squeeze(1))
-            del z
         logits = best.masked_fill_(unseen.view(1, k, 1), -1.0 / temperature)
         # the own class's logit is target_z: right where it is the largest (argmax without the index search)
         correct = (target_z >= logits.amax(1)) & ~unseen[labels.reshape(batch, -1)]
@@ -167,24 +192,26 @@ class _FusedPrototypeScores(torch.autograd.Function):
         features, prototypes, flat_labels, unseen, inverse_norm, winner, nearest, target_z, log_sum_exp = \
             ctx.saved_tensors
         t = ctx.temperature
-        batch, k = features.shape[0], prototypes.shape[0]
+        batch, (k, m, _) = features.shape[0], prototypes.shape
         grad_logits = grad_logits.reshape(batch, 1, k, -1).masked_fill(unseen.view(1, 1, k, 1), 0.0)
         grad_contrast = grad_contrast.reshape(batch, 1, 1, -1)
-        grad_distance = grad_distance.reshape(batch, 1, 1, -1)
         with torch.autocast(features.device.type, enabled=False):
             unit, _ = _unit_embedding(features, inverse_norm)
-            z = _scaled_similarities(unit, prototypes, t)
-            # softmax(z) dL/dPPC
-            if ctx.shift_free:
-                grad_z = z.exp_().mul_(grad_contrast * (-log_sum_exp.view(batch, 1, 1, -1)).exp())
-            else:
-                grad_z = z.sub_(log_sum_exp.view(batch, 1, 1, -1)).exp_().mul_(grad_contrast)
-            grad_z.scatter_add_(1, winner.unsqueeze(1).long(), grad_logits)
-            at_target = -grad_contrast - 2 * t * grad_distance * (1 - t * target_z.view(batch, 1, 1, -1))
-            grad_z.view(batch, -1, grad_z.shape[-1]).scatter_add_(1, (nearest.unsqueeze(1) * k + flat_labels.view(
-                batch, 1, -1)), at_target.view(batch, 1, -1))
-            grad_unit = torch.matmul(_scaled_slot_prototypes(prototypes, t).T, grad_z.flatten(1, 2))
-            del grad_z
+            slot_prototypes = _scaled_slot_prototypes(prototypes, t)
+            # softmax(z) dL/dPPC = exp(z - lse) dL/dPPC; unshifted: exp(z) (exp(-lse) dL/dPPC)
+            softmax_scale = grad_contrast * (-log_sum_exp.view(batch, 1, 1, -1)).exp() if ctx.shift_free \
+                else grad_contrast
+            at_target = (-grad_contrast - 2 * t * grad_distance.reshape(batch, 1, 1, -1)
+                         * (1 - t * target_z.view(batch, 1, 1, -1))).view(batch, 1, -1)
+            target_slot = nearest.unsqueeze(1) * k + flat_labels.view(batch, 1, -1)
+            grad_unit = torch.empty_like(unit)
+            for block, z in _blocks_of_scaled_similarities(unit, prototypes, t):
+                if not ctx.shift_free:
+                    z.sub_(log_sum_exp[:, block].view(batch, 1, 1, -1))
+                grad_z = z.exp_().mul_(softmax_scale[..., block])
+                grad_z.scatter_add_(1, winner[..., block].unsqueeze(1).long(), grad_logits[..., block])
+                grad_z.view(batch, k * m, -1).scatter_add_(1, target_slot[..., block], at_target[..., block])
+                grad_unit[..., block] = torch.matmul(slot_prototypes.T, grad_z.view(batch, k * m, -1))
             # through the normalisation: (g - u <u, g>) / |f|
             grad_features = grad_unit.addcmul_(unit, (unit * grad_unit).sum(1, keepdim=True), value=-1)
             grad_features.mul_(inverse_norm)
@@ -218,7 +245,9 @@ class MultiPrototypeClassifier(nn.Module):
         """
         with torch.autocast(features.device.type, enabled=False):
             unit, _ = _unit_embedding(features)
-            logits = _scaled_similarities(unit, self.prototypes, self.temperature).amax(1)
+            logits = unit.new_empty(unit.shape[0], self.num_classes, unit.shape[-1])
+            for block, z in _blocks_of_scaled_similarities(unit, self.prototypes, self.temperature):
+                logits[..., block] = z.amax(1)
         logits = logits.masked_fill_(~self.initialized.view(1, -1, 1), -1.0 / self.temperature)
         return logits.view(features.shape[0], self.num_classes, *features.shape[2:])
 
