@@ -94,12 +94,16 @@ def _scaled_slot_prototypes(prototypes: torch.Tensor, temperature: float) -> tor
     return (_at_least_fp32(prototypes) / temperature).transpose(0, 1).reshape(m * k, c)
 
 
+def _winner_dtype(prototypes_per_class: int) -> torch.dtype:
+    return torch.uint8 if prototypes_per_class <= 256 else torch.int64
+
+
 def _winning_prototype(z: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
     """Index over dim 1 of ``z`` (B, M, K, N) where it reaches ``best`` = its max over dim 1 (the last one on
     ties), as (B, K, N) uint8 (int64 beyond 256 prototypes). ``max(1)``/``argmax(1)`` with indices are 5-30x
     slower over a non-innermost dimension on a CPU than this comparison and a byte-sized ``amax``."""
     m = z.shape[1]
-    dtype = torch.uint8 if m <= 256 else torch.int64
+    dtype = _winner_dtype(m)
     reached = (z == best.unsqueeze(1)).to(dtype)
     return (reached * torch.arange(m, dtype=dtype, device=z.device).view(1, m, 1, 1)).amax(1)
 
@@ -117,18 +121,19 @@ def _voxel_blocks(num_voxels: int, batch: int, slots: int, device: torch.device)
     return [slice(start, min(start + size, num_voxels)) for start in range(0, num_voxels, size)]
 
 
-def _blocks_of_scaled_similarities(unit: torch.Tensor, prototypes: torch.Tensor, temperature: float
+def _blocks_of_scaled_similarities(unit: torch.Tensor, slot_prototypes: torch.Tensor, prototypes_per_class: int
                                    ) -> Iterator[Tuple[slice, torch.Tensor]]:
-    """(B, C, N) unit embedding, (K, M, C) prototypes -> (voxel block, cos / T of the block as (B, M, K, n)).
+    """(B, C, N) unit embedding, (M*K, C) ``_scaled_slot_prototypes`` -> (voxel block, cos / T of the block as
+    (B, M, K, n)).
 
     Prototype-major slot order, so that max over a class's prototypes and the sums over all slots
     reduce over outer dimensions (contiguous, vectorised) in nnU-Net's channel-first layout. Every
     caller goes through the same blocks, so training and inference compute bit-identical scores.
     """
-    k, m, _ = prototypes.shape
-    slot_prototypes = _scaled_slot_prototypes(prototypes, temperature)
-    for block in _voxel_blocks(unit.shape[-1], unit.shape[0], k * m, unit.device):
-        yield block, torch.matmul(slot_prototypes, unit[..., block]).view(unit.shape[0], m, k, -1)
+    batch, slots = unit.shape[0], slot_prototypes.shape[0]
+    for block in _voxel_blocks(unit.shape[-1], batch, slots, unit.device):
+        yield block, torch.matmul(slot_prototypes, unit[..., block]).view(
+            batch, prototypes_per_class, slots // prototypes_per_class, -1)
 
 
 class _FusedPrototypeScores(torch.autograd.Function):
@@ -158,11 +163,10 @@ class _FusedPrototypeScores(torch.autograd.Function):
         with torch.autocast(features.device.type, enabled=False):
             unit, inverse_norm = _unit_embedding(features)
             best = unit.new_empty(batch, k, num_voxels)
-            winner = torch.empty(batch, k, num_voxels, dtype=torch.uint8 if m <= 256 else torch.int64,
-                                 device=unit.device)
+            winner = torch.empty(batch, k, num_voxels, dtype=_winner_dtype(m), device=unit.device)
             target_z, log_sum_exp = unit.new_empty(batch, num_voxels), unit.new_empty(batch, num_voxels)
             nearest = torch.empty(batch, num_voxels, dtype=torch.int64, device=unit.device)
-            for block, z in _blocks_of_scaled_similarities(unit, prototypes, temperature):
+            for block, z in _blocks_of_scaled_similarities(unit, _scaled_slot_prototypes(prototypes, temperature), m):
                 block_best = z.amax(1)
                 best[..., block] = block_best
                 winner[..., block] = _winning_prototype(z, block_best)
@@ -205,7 +209,7 @@ class _FusedPrototypeScores(torch.autograd.Function):
                          * (1 - t * target_z.view(batch, 1, 1, -1))).view(batch, 1, -1)
             target_slot = nearest.unsqueeze(1) * k + flat_labels.view(batch, 1, -1)
             grad_unit = torch.empty_like(unit)
-            for block, z in _blocks_of_scaled_similarities(unit, prototypes, t):
+            for block, z in _blocks_of_scaled_similarities(unit, slot_prototypes, m):
                 if not ctx.shift_free:
                     z.sub_(log_sum_exp[:, block].view(batch, 1, 1, -1))
                 grad_z = z.exp_().mul_(softmax_scale[..., block])
@@ -246,7 +250,8 @@ class MultiPrototypeClassifier(nn.Module):
         with torch.autocast(features.device.type, enabled=False):
             unit, _ = _unit_embedding(features)
             logits = unit.new_empty(unit.shape[0], self.num_classes, unit.shape[-1])
-            for block, z in _blocks_of_scaled_similarities(unit, self.prototypes, self.temperature):
+            slot_prototypes = _scaled_slot_prototypes(self.prototypes, self.temperature)
+            for block, z in _blocks_of_scaled_similarities(unit, slot_prototypes, self.prototypes_per_class):
                 logits[..., block] = z.amax(1)
         logits = logits.masked_fill_(~self.initialized.view(1, -1, 1), -1.0 / self.temperature)
         return logits.view(features.shape[0], self.num_classes, *features.shape[2:])
