@@ -3,7 +3,7 @@
 What one MPER training step adds on the prototype side: ``MultiPrototypeClassifier.scores``
 (forward and backward, against labels) and the EMA update, at the CPU preset's shape (batch 2,
 16 channels, 40x64x80 voxels) for K classes and M prototypes per class. "blocked" is the
-default (``_voxel_blocks``: about 2 MB of similarities per block on a CPU); "one block" runs the
+default (``voxel_blocks``: about 2 MB of similarities per block on a CPU); "one block" runs the
 same function on the whole batch at once, which is how it ran before the blocks. Both
 variants alternate, so a drift of the machine's speed hits both alike; min and median of the
 repeats are printed, with the ratio of the two.
@@ -20,6 +20,7 @@ from typing import Callable, Dict, List
 
 import torch
 
+from nnunetv2_proto import voxel_blocks
 from nnunetv2_proto.heads import multi_prototype
 
 WHOLE_BATCH = 1 << 62
@@ -53,16 +54,16 @@ def main() -> None:
         (scores.logits.mean() + scores.contrast.mean() + scores.distance.mean()).backward()
         classifier.ema_update(features, labels, valid, scores.nearest, scores.correct)
 
-    default_block_bytes = multi_prototype._CPU_BLOCK_BYTES
+    default_block_bytes = voxel_blocks.CPU_BLOCK_BYTES
     variants = {"blocked": default_block_bytes, "one block": WHOLE_BATCH}
     seconds: Dict[str, List[float]] = {name: [] for name in variants}
     for repeat in range(args.repeats + 1):  # the first round warms up
         for name, block_bytes in variants.items():
-            multi_prototype._CPU_BLOCK_BYTES = block_bytes
+            voxel_blocks.CPU_BLOCK_BYTES = block_bytes
             elapsed = timed(step)
             if repeat:
                 seconds[name].append(elapsed)
-    multi_prototype._CPU_BLOCK_BYTES = default_block_bytes
+    voxel_blocks.CPU_BLOCK_BYTES = default_block_bytes
     print(f"K = {args.num_classes}, M = {args.prototypes}, C = {args.channels}, shape {args.shape}, "
           f"{torch.get_num_threads()} threads, {args.repeats} repeats")
     for name, values in seconds.items():

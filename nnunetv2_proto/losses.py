@@ -17,6 +17,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 from torch.nn import functional as F
 
+from nnunetv2_proto.blockwise_losses import softmax_consistency
 from nnunetv2_proto.label_layout import downsample_labels, full_resolution, one_hot
 
 
@@ -140,6 +141,16 @@ class MPERObjective(torch.nn.Module):
         self.weights = asdict(weights)
         self.consistency_kind = consistency_kind
 
+    def consistency(self, linear_logits: torch.Tensor, prototype_logits: torch.Tensor, weights: torch.Tensor
+                    ) -> torch.Tensor:
+        """Agreement of the two classifiers' output probabilities; for softmax layouts without keeping (B, K, *s)
+        softmaxes for backward (``softmax_consistency``, same value and gradient)."""
+        if not self.layout.has_regions:
+            return softmax_consistency(linear_logits, prototype_logits, weights, self.consistency_kind)
+        return probability_consistency_loss(self.layout.output_probabilities_from_logits(linear_logits.float()),
+                                            self.layout.output_probabilities_from_logits(prototype_logits.float()),
+                                            weights, self.consistency_kind)
+
     def total(self, linear: torch.Tensor, parts: dict, prototype_weight: float) -> torch.Tensor:
         return linear + prototype_weight * sum(self.weights[k] * v for k, v in parts.items())
 
@@ -156,10 +167,7 @@ class MPERObjective(torch.nn.Module):
             "seg_prototype": self.prototype_loss(prototype_output_logits, target),
             "ppc": _masked_mean(scores.contrast, weights),
             "ppd": _masked_mean(scores.distance, weights),
-            "consistency": probability_consistency_loss(
-                self.layout.output_probabilities_from_logits(aux.linear_logits.float()),
-                self.layout.output_probabilities_from_logits(prototype_output_logits.float()), weights,
-                self.consistency_kind),
+            "consistency": self.consistency(aux.linear_logits, prototype_output_logits, weights),
         }
         return self.total(linear, parts, prototype_weight), {"seg": linear, **parts, "lambda": prototype_weight}
 

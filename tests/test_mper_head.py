@@ -6,7 +6,7 @@ import torch
 from torch.nn import functional as F
 
 from conftest import small_unet
-from nnunetv2_proto.heads import multi_prototype
+from nnunetv2_proto import voxel_blocks
 from nnunetv2_proto.heads.multi_prototype import ClassEmbeddingSampler, MultiPrototypeClassifier, kmeans_centres
 from nnunetv2_proto.label_layout import LabelLayout
 from nnunetv2_proto.losses import FullResolutionTarget, MPERObjective
@@ -76,8 +76,8 @@ def composed_scores(features, prototypes, labels, unseen, temperature):
     ((2, 6, 5, 7), 0.005, 1),  # 1/T > 40: the shifted log-sum-exp
     ((2, 6, 5, 7, 4), 0.1, 3), ((2, 6, 5, 7, 4), 0.005, 3)])  # voxel blocks of 64, 64 and 12
 def test_fused_scores_equal_the_composed_definitions_in_value_and_gradient(shape, temperature, blocks, monkeypatch):
-    monkeypatch.setattr(multi_prototype, "_CPU_BLOCK_BYTES", 1 if blocks > 1 else 1 << 30)
-    assert len(multi_prototype._voxel_blocks(math.prod(shape[2:]), shape[0], 6, torch.device("cpu"))) == blocks
+    monkeypatch.setattr(voxel_blocks, "CPU_BLOCK_BYTES", 1 if blocks > 1 else 1 << 30)
+    assert len(voxel_blocks.voxel_blocks(math.prod(shape[2:]), 4 * shape[0] * 6, torch.device("cpu"))) == blocks
     classifier = initialised_classifier().double()
     classifier.temperature = temperature
     classifier.initialized[1] = False

@@ -276,6 +276,7 @@ def test_compare_and_benchmark_heads_work_on_real_nnunet_results(workspace, tmp_
     assert [r["trainer"] for r in results] == ["nnUNetTrainer_testBudget", "nnUNetTrainerSIPL_testBudget",
                                                "nnUNetTrainerBCP_testBudget"]
     assert results[0]["train_step_ratio"] == 1.0 and results[1]["train_step_s"] > 0
+    assert all(r["peak_memory_bytes"] > 0 and "live memory" in r["memory_kind"] for r in results)
     assert not list((Path(env["nnUNet_results"]) / DATASET).glob("*benchmark*"))  # nothing written there
 
 

@@ -22,6 +22,7 @@ from typing import Any, Dict
 
 import torch
 
+from nnunetv2_proto.blockwise_losses import blockwise_dice_ce
 from nnunetv2_proto.heads.multi_prototype import ClassEmbeddingSampler
 from nnunetv2_proto.losses import FullResolutionTarget, MPERLossWeights, MPERObjective, VoxelTarget
 from nnunetv2_proto.networks.mper import MPERConfig
@@ -65,7 +66,8 @@ class nnUNetTrainerMPER(PhasedTrainerMixin, PrototypeTrainerBase):
                              self.consistency_kind)
 
     def build_objective(self) -> MPERObjective:
-        return self.mper_objective(self.loss, FullResolutionTarget(self.full_resolution_loss))
+        # the prototype logits' Dice + CE is nnU-Net's, without keeping K-channel tensors for backward
+        return self.mper_objective(self.loss, FullResolutionTarget(blockwise_dice_ce(self.full_resolution_loss)))
 
     def forward_and_loss(self, data, target, voxels: VoxelTarget):
         """Also returns, for the EMA update, the features and the step's ``PrototypeScores`` (None before any

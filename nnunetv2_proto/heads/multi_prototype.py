@@ -32,6 +32,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
+from nnunetv2_proto.voxel_blocks import at_least_fp32, voxel_blocks
+
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -67,15 +69,11 @@ class PrototypeScores(NamedTuple):
     correct: torch.Tensor   # (B, *s) bool, the prototype classifier predicts the true class (no gradient)
 
 
-def _at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
-
-
 def _unit_embedding(features: torch.Tensor, inverse_norm: Optional[torch.Tensor] = None
                     ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(B, C, *s) -> unit-norm embedding (B, C, N) and inverse norms (B, 1, N), at least in fp32; given the
     inverse norms (backward recomputing the forward's embedding), they are reused, not recomputed."""
-    features = _at_least_fp32(features).flatten(2)
+    features = at_least_fp32(features).flatten(2)
     if inverse_norm is None:
         inverse_norm = (features * features).sum(1, keepdim=True).sqrt_().clamp_min_(1e-12).reciprocal_()
     return features * inverse_norm, inverse_norm
@@ -91,7 +89,7 @@ def _scaled_slot_prototypes(prototypes: torch.Tensor, temperature: float) -> tor
     ``_blocks_of_scaled_similarities``. Dividing the M*K x C matrix instead of the similarities saves a pass
     over (B, M*K, N)."""
     k, m, c = prototypes.shape
-    return (_at_least_fp32(prototypes) / temperature).transpose(0, 1).reshape(m * k, c)
+    return (at_least_fp32(prototypes) / temperature).transpose(0, 1).reshape(m * k, c)
 
 
 def _winner_dtype(prototypes_per_class: int) -> torch.dtype:
@@ -108,19 +106,6 @@ def _winning_prototype(z: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
     return (reached * torch.arange(m, dtype=dtype, device=z.device).view(1, m, 1, 1)).amax(1)
 
 
-# On a CPU the K*M similarities are memory-bound: each fresh (B, K*M, N) tensor page-faults and every pass over it
-# streams it through RAM. Working through the voxels in blocks of about this many bytes of similarities keeps each
-# block in cache across its passes and recycles small buffers. A GPU gets the whole batch as one block.
-_CPU_BLOCK_BYTES = 1 << 21
-
-
-def _voxel_blocks(num_voxels: int, batch: int, slots: int, device: torch.device) -> List[slice]:
-    if device.type != "cpu":
-        return [slice(0, num_voxels)]
-    size = max(64, _CPU_BLOCK_BYTES // (4 * batch * slots))
-    return [slice(start, min(start + size, num_voxels)) for start in range(0, num_voxels, size)]
-
-
 def _blocks_of_scaled_similarities(unit: torch.Tensor, slot_prototypes: torch.Tensor, prototypes_per_class: int
                                    ) -> Iterator[Tuple[slice, torch.Tensor]]:
     """(B, C, N) unit embedding, (M*K, C) ``_scaled_slot_prototypes`` -> (voxel block, cos / T of the block as
@@ -131,7 +116,7 @@ def _blocks_of_scaled_similarities(unit: torch.Tensor, slot_prototypes: torch.Te
     caller goes through the same blocks, so training and inference compute bit-identical scores.
     """
     batch, slots = unit.shape[0], slot_prototypes.shape[0]
-    for block in _voxel_blocks(unit.shape[-1], batch, slots, unit.device):
+    for block in voxel_blocks(unit.shape[-1], 4 * batch * slots, unit.device):
         yield block, torch.matmul(slot_prototypes, unit[..., block]).view(
             batch, prototypes_per_class, slots // prototypes_per_class, -1)
 
@@ -147,7 +132,7 @@ class _FusedPrototypeScores(torch.autograd.Function):
     1x1 conv that reads them keeps them anyway), the inverse norms, the outputs, per voxel the
     target's z and the log-sum-exp, and per voxel and class the index of the winning prototype (one
     byte): nothing of size K*M per voxel. Every output is per voxel, so forward and backward run
-    block by block over the voxels (``_voxel_blocks``): on a CPU a block's similarities stay in
+    block by block over the voxels (``voxel_blocks``): on a CPU a block's similarities stay in
     cache for their five passes (matmul, max, winner, exp, sum) and backward's four (matmul, exp,
     scatter, matmul). The winners' and targets' gradients are scattered, not masked.
     """
