@@ -360,7 +360,8 @@ def test_sipl_training_log_shows_its_diagnostics_every_epoch(workspace):
     lines = [line for line in log.splitlines() if "SIPL diagnostics:" in line]
     assert len(lines) == 3  # one per epoch
     assert all("SMG pseudo-mask Dice (last layer, validation) [" in line and "filter keeps" in line
-               and "proposal norms: instance" in line for line in lines)
+               and "proposal norms: instance" in line and "prototypes differ between samples by" in line
+               for line in lines)
 
 
 def in_process_trainer(workspace, monkeypatch, name: str, fold: int = 2):

@@ -274,9 +274,21 @@ def test_diagnostics_report_filter_and_proposal_norms():
     network = sipl(3, 3)
     network.head.smg.set_tau(0.5)
     _, aux = network(torch.randn(2, 1, 16, 32, 32), return_aux=True)
-    assert set(aux.diagnostics) == {"filter_kept_fraction", "instance_proposal_norm", "common_proposal_norm"}
+    assert set(aux.diagnostics) == {"filter_kept_fraction", "instance_proposal_norm", "common_proposal_norm",
+                                    "prototype_spread"}
     assert 0.0 <= float(aux.diagnostics["filter_kept_fraction"]) <= 1.0
+    assert float(aux.diagnostics["prototype_spread"]) > 0  # two different inputs, two sets of prototypes
     assert all(not v.requires_grad for v in aux.diagnostics.values())
+
+
+def test_prototype_spread_is_zero_for_fixed_prototypes_and_relative_otherwise():
+    from nnunetv2_proto.networks.sipl import prototype_spread
+    fixed = torch.randn(1, 3, 8).expand(4, -1, -1)
+    assert float(prototype_spread(fixed)) == 0.0
+    # two samples at +-d around a mean m (|d| = 0.1 |m|, per class): RMS distance / |m| = 0.1
+    mean, offset = torch.tensor([[3.0, 4.0]]), torch.tensor([[0.3, -0.4]])
+    assert float(prototype_spread(torch.stack((mean + offset, mean - offset)))) == pytest.approx(0.1)
+    assert float(prototype_spread(torch.stack((mean + offset, mean - offset)) * 7)) == pytest.approx(0.1)
 
 
 def test_tau_schedules():

@@ -83,6 +83,9 @@ class nnUNetTrainerSIPL(PrototypeTrainerBase):
             norms = [f"{name} {summary[f'{DIAGNOSTIC_PREFIX}{name}_proposal_norm']:.3g}"
                      for name in ("instance", "common") if f"{DIAGNOSTIC_PREFIX}{name}_proposal_norm" in summary]
             parts.append("proposal norms: " + ", ".join(norms))
+            if f"{DIAGNOSTIC_PREFIX}prototype_spread" in summary:
+                parts.append("prototypes differ between samples by "
+                             f"{100 * summary[f'{DIAGNOSTIC_PREFIX}prototype_spread']:.2g}% of their norm")
             self.print_to_log_file("SIPL diagnostics: " + "; ".join(parts))
 
 

@@ -102,12 +102,23 @@ class SIPLHead(nn.Module):
     @staticmethod
     @torch.no_grad()
     def diagnostics(generated, kept: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
-        found = {"common_proposal_norm": generated.common_proposals.float().norm(dim=-1).mean()}
+        found = {"common_proposal_norm": generated.common_proposals.float().norm(dim=-1).mean(),
+                 "prototype_spread": prototype_spread(generated.prototypes)}
         if generated.instance_proposals is not None:
             found["instance_proposal_norm"] = generated.instance_proposals.float().norm(dim=-1).mean()
         if kept is not None:
             found["filter_kept_fraction"] = kept
         return found
+
+
+def prototype_spread(prototypes: torch.Tensor) -> torch.Tensor:
+    """How much the prototypes (B, K, D) differ between the batch's samples: per class, the RMS distance of
+    the samples' prototypes from their mean over the norm of that mean, averaged over classes. 0 means the
+    same prototypes for every input (a fixed classifier); IPL is instance-adaptive only as far as this is not 0."""
+    prototypes = prototypes.float()
+    mean = prototypes.mean(0)
+    deviation = (prototypes - mean).square().sum(-1).mean(0).sqrt()
+    return (deviation / mean.norm(dim=-1).clamp_min(1e-12)).mean()
 
 
 class SIPLNetwork(DecoderHeadNetwork):
