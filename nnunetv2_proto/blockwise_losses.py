@@ -131,7 +131,8 @@ class _BlockwiseSoftmaxDiceCE(torch.autograd.Function):
     With p = softmax(x), per (sample or batch, class c): I = sum p_c y_c m, P = sum p_c m, G = sum y_c m
     (m: not the ignore label), Dice_c = (2I + s) / max(G + P + s, 1e-8), loss = w_ce CE - w_dice mean_c Dice_c.
     Backward: dDice_c/dp_c(v) = m(v) (2 y_c(v) / D_c - (2I_c + s) / D_c^2), through the softmax as
-    p (g - <g, p>), plus w_ce (p - y) m / |m| for the CE. Saved: the logits, the labels and the per-class sums.
+    p (g - <g, p>), plus w_ce (p - y) m / |m| for the CE. Saved: the logits, the labels, and the loss's
+    derivatives w.r.t. the per-class sums (K numbers per sample).
     """
 
     @staticmethod
