@@ -110,8 +110,6 @@ def softmax_consistency(logits_a: torch.Tensor, logits_b: torch.Tensor, weights:
                         kind: str = "mse") -> torch.Tensor:
     """Weighted mean over voxels of the agreement of softmax(logits_a) and softmax(logits_b), (B, K, *s) each:
     'mse' (mean over classes of the squared difference) or symmetric 'kl'. ``weights`` (B, *s), bool or float."""
-    if kind not in ("mse", "kl"):
-        raise ValueError(f"unknown consistency kind '{kind}' (use 'mse' or 'kl')")
     return _BlockwiseSoftmaxConsistency.apply(logits_a, logits_b, weights, kind)
 
 
