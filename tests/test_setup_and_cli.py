@@ -59,17 +59,19 @@ def test_no_project_trainer_is_shadowed_by_a_builtin_one():
 
 
 def test_budget_variants_share_one_budget_per_suffix():
-    """Every ``_cpuBudget`` trainer trains 200 steps, every ``_cpuBudgetLong`` one 1000, each with a short twin."""
+    """Every ``_cpuBudget`` trainer trains 200 steps, every ``_cpuBudgetLong`` one 1000 and every ``_cpuBudgetXL``
+    one 3000, each with a twin at the next shorter budget."""
     from nnunetv2_proto.doctor import project_trainers
     trainers = project_trainers()
     steps = {name: cls.budget_epochs * cls.budget_iterations_per_epoch for name, cls in trainers.items()
-             if name.endswith(("_cpuBudget", "_cpuBudgetLong"))}
+             if name.endswith(("_cpuBudget", "_cpuBudgetLong", "_cpuBudgetXL"))}
     short_ones = [n for n in steps if n.endswith("_cpuBudget")]
     assert short_ones and all(steps[n] == 200 for n in short_ones)
-    long_ones = [n for n in steps if n.endswith("_cpuBudgetLong")]
-    assert {"nnUNetTrainer_cpuBudgetLong", "nnUNetTrainerSIPL_cpuBudgetLong", "nnUNetTrainerMPER_cpuBudgetLong"} <= set(long_ones)
-    for name in long_ones:
-        assert steps[name] == 1000 and name[: -len("Long")] in steps, name
+    for suffix, budget, shorter in (("Long", 1000, ""), ("XL", 3000, "Long")):
+        longer_ones = [n for n in steps if n.endswith("_cpuBudget" + suffix)]
+        assert {f"nnUNetTrainer{family}_cpuBudget{suffix}" for family in ("", "SIPL", "MPER")} <= set(longer_ones)
+        for name in longer_ones:
+            assert steps[name] == budget and name[: -len(suffix)] + shorter in steps, name
 
 
 def test_every_two_stage_trainer_names_a_source_that_exists_with_the_same_budget():

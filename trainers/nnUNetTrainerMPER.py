@@ -26,7 +26,7 @@ from nnunetv2_proto.blockwise_losses import blockwise_dice_ce
 from nnunetv2_proto.heads.multi_prototype import ClassEmbeddingSampler
 from nnunetv2_proto.losses import FullResolutionTarget, MPERLossWeights, MPERObjective, VoxelTarget
 from nnunetv2_proto.networks.mper import MPERConfig
-from nnunetv2_proto.training.budgets import CpuBudgetLongMixin, CpuBudgetMixin
+from nnunetv2_proto.training.budgets import CpuBudgetLongMixin, CpuBudgetMixin, CpuBudgetXLMixin
 from nnunetv2_proto.training.initial_weights import StartFromTrainedModelMixin
 from nnunetv2_proto.training.schedules import (MPER_FROM_TRAINED_PHASES, MPER_OFFICIAL_PHASES, MPER_PHASES,
                                                PhasePlan)
@@ -247,3 +247,7 @@ class nnUNetTrainerMPER_fromVanilla_cpuBudget(CpuBudgetMixin, nnUNetTrainerMPER_
 
 class nnUNetTrainerMPER_fromVanilla_cpuBudgetLong(CpuBudgetLongMixin, nnUNetTrainerMPER_fromVanilla):
     source_trainer = "nnUNetTrainer_cpuBudgetLong"
+
+
+class nnUNetTrainerMPER_cpuBudgetXL(CpuBudgetXLMixin, nnUNetTrainerMPER):
+    pass

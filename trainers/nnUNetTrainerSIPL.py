@@ -23,7 +23,7 @@ import torch
 from nnunetv2_proto.diagnostics import foreground_confusion, summarise_epoch
 from nnunetv2_proto.losses import SIPLObjective
 from nnunetv2_proto.networks.sipl import SIPLConfig
-from nnunetv2_proto.training.budgets import CpuBudgetLongMixin, CpuBudgetMixin
+from nnunetv2_proto.training.budgets import CpuBudgetLongMixin, CpuBudgetMixin, CpuBudgetXLMixin
 from nnunetv2_proto.training.schedules import SIPL_TAU, SIPL_TAU_OFFICIAL, SIPL_TAU_STEP_FLOOR, TauSchedule
 from nnunetv2_proto.training.trainer_base import PrototypeTrainerBase
 
@@ -209,4 +209,8 @@ class nnUNetTrainerSIPL_tauOfficial_cpuBudget(CpuBudgetMixin, nnUNetTrainerSIPL_
 
 
 class nnUNetTrainerSIPL_tauStepFloor_cpuBudget(CpuBudgetMixin, nnUNetTrainerSIPL_tauStepFloor):
+    pass
+
+
+class nnUNetTrainerSIPL_cpuBudgetXL(CpuBudgetXLMixin, nnUNetTrainerSIPL):
     pass

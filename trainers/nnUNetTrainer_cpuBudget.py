@@ -1,6 +1,6 @@
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunetv2_proto.training.budgets import CpuBudgetLongMixin, CpuBudgetMixin
+from nnunetv2_proto.training.budgets import CpuBudgetLongMixin, CpuBudgetMixin, CpuBudgetXLMixin
 
 
 class nnUNetTrainer_cpuBudget(CpuBudgetMixin, nnUNetTrainer):
@@ -9,3 +9,7 @@ class nnUNetTrainer_cpuBudget(CpuBudgetMixin, nnUNetTrainer):
 
 class nnUNetTrainer_cpuBudgetLong(CpuBudgetLongMixin, nnUNetTrainer):
     """Vanilla nnU-Net with the long CPU budget (five times the steps of ``_cpuBudget``)."""
+
+
+class nnUNetTrainer_cpuBudgetXL(CpuBudgetXLMixin, nnUNetTrainer):
+    """Vanilla nnU-Net with the extra-long CPU budget (three times the steps of ``_cpuBudgetLong``)."""
