@@ -83,8 +83,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                   Path(args.test_pred_root) if args.test_pred_root else None, args.allow_missing, args.np,
                   Path(args.dataset_json) if args.dataset_json else None, seeds=args.seeds)
     print((out / "comparison.md").read_text())
-    print(f"written: {out}/comparison.md, comparison.csv, comparison_runs.csv, comparison.json, "
-          "comparison_boxplots.png, comparison_scatter.png, comparison_runs.png")
+    figures = [f.name for f in sorted(out.glob("comparison*.png"))]
+    print(f"written: {out}/comparison.md, comparison.csv, comparison_runs.csv, comparison.json, " + ", ".join(figures))
     return 0
 
 

@@ -223,3 +223,44 @@ def test_seeded_trainer_names():
     assert split_seeded_name("nnUNetTrainerSIPL_cpuBudget") is None
     assert worker_seeds(1, 0, 2) == worker_seeds(1, 0, 2) and worker_seeds(1, 0, 2) != worker_seeds(2, 0, 2)
     assert len(set(worker_seeds(1, 0, 3) + worker_seeds(1, 1, 3))) == 6
+
+
+def write_training_log(fold_folder: Path, pseudo_dice, iterations_per_epoch=None) -> None:
+    """A checkpoint holding what nnU-Net's own logger records per epoch, saved the way nnU-Net saves it."""
+    import torch
+    from nnunetv2.training.logging.nnunet_logger import MetaLogger
+    logger = MetaLogger(str(fold_folder), resume=False)
+    for epoch, value in enumerate(pseudo_dice):
+        logger.log("mean_fg_dice", float(value), epoch)
+        logger.log("train_losses", -float(value), epoch)
+        logger.log("val_losses", -float(value), epoch)
+    torch.save({"logging": logger.get_checkpoint(), "current_epoch": len(pseudo_dice)},
+               fold_folder / "checkpoint_final.pth")
+    if iterations_per_epoch:
+        (fold_folder / "training_timing.json").write_text(json.dumps({"iterations_per_epoch": iterations_per_epoch}))
+
+
+def test_training_curves_say_when_the_baseline_had_not_levelled_off(tmp_path, monkeypatch):
+    from nnunetv2_proto.evaluation.learning_curves import read_training_curve
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "nnUNet_preprocessed"))
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "nnUNet_results"))
+    tree = make_results_tree(tmp_path, {"removed": [0, 10, 20]})
+    runs = tmp_path / "nnUNet_results" / tree["dataset"]
+    climbing = np.linspace(0.2, 0.8, 10)  # 0.6 / 9 per epoch; the late windows are two epochs each
+    flat = np.r_[np.linspace(0.2, 0.8, 6), [0.8, 0.8, 0.8, 0.8]]
+    write_training_log(runs / "nnUNetTrainer__nnUNetPlans__3d_fullres" / "fold_0", climbing, iterations_per_epoch=5)
+    write_training_log(runs / "worseTrainer__nnUNetPlans__3d_fullres" / "fold_0", flat, iterations_per_epoch=5)
+    curve = read_training_curve(runs / "nnUNetTrainer__nnUNetPlans__3d_fullres" / "fold_0")
+    assert curve.epochs == 10 and curve.late_rise() == pytest.approx(2 * 0.6 / 9)  # windows two epochs apart
+    assert curve.ema_pseudo_dice[1] == pytest.approx(0.9 * climbing[0] + 0.1 * climbing[1])  # nnU-Net's own EMA
+    out = compare(tree["dataset"], "3d_fullres", ["nnUNetTrainer", "worseTrainer"], folds=[0], output=tmp_path / "cmp",
+                  num_processes=1, progress=lambda _: None)
+    rows = {r["trainer"]: r for r in json.loads((out / "comparison.json").read_text())["training_curves"]}
+    assert rows["nnUNetTrainer"]["steps"] == 50 and rows["nnUNetTrainer"]["late_rise"] == pytest.approx(2 * 0.6 / 9)
+    assert rows["worseTrainer"]["late_rise"] == pytest.approx(0.0)
+    markdown = (out / "comparison.md").read_text()
+    assert "The baseline had not levelled off" in markdown and (out / "comparison_curves.png").is_file()
+    # the same curves with the roles swapped: a flat baseline draws no warning
+    out = compare(tree["dataset"], "3d_fullres", ["nnUNetTrainer", "worseTrainer"], folds=[0], baseline="worseTrainer",
+                  output=tmp_path / "swapped", num_processes=1, progress=lambda _: None)
+    assert "had not levelled off" not in (out / "comparison.md").read_text()

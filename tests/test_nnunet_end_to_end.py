@@ -268,6 +268,10 @@ def test_compare_and_benchmark_heads_work_on_real_nnunet_results(workspace, tmp_
     assert set(report["structures"]) == {"nodule", "vessel", "cyst"}
     assert all(len(cases) == len(workspace["val_cases"])
                for cases in report["per_case"]["nnUNetTrainerSIPL_testBudget"]["Dice"].values())
+    # the training curves come from the checkpoints nnU-Net wrote: three epochs per tiny run
+    assert sorted((r["trainer"], r["epochs"]) for r in report["training_curves"]) == [
+        (t, 3) for t in ("nnUNetTrainerMPER_testBudget", "nnUNetTrainerSIPL_testBudget", "nnUNetTrainer_testBudget")]
+    assert (out / "comparison_curves.png").is_file()
     bench = tmp_path / "bench.json"
     run([command("nnunetv2-proto"), "benchmark-heads", "-d", DATASET_ID, "-c", CONFIGURATION, "-tr",
          "nnUNetTrainer_testBudget", "nnUNetTrainerSIPL_testBudget", "nnUNetTrainerBCP_testBudget", "--steps", "1",

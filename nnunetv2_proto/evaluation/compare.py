@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 from nnunetv2_proto.environment import SetupError, resolve_dataset_name
 from nnunetv2_proto.evaluation.evaluate import EvaluationPolicy
+from nnunetv2_proto.evaluation.learning_curves import (TrainingCurve, curve_report, curve_rows,
+                                                       plot_training_curves, read_training_curve)
 from nnunetv2_proto.evaluation.metrics import METRICS
-from nnunetv2_proto.evaluation.paired_stats import case_statistics, common_ground, run_statistics
-from nnunetv2_proto.evaluation.report import markdown_report, plot_comparison, write_csv, write_json
-from nnunetv2_proto.evaluation.runs import MEAN, find_runs, run_label, score_runs
+from nnunetv2_proto.evaluation.paired_stats import CommonGround, case_statistics, common_ground, run_statistics
+from nnunetv2_proto.evaluation.report import markdown_report, plot_comparison, short_name, write_csv, write_json
+from nnunetv2_proto.evaluation.runs import MEAN, RunSource, find_runs, run_label, score_runs
 
 
 def _prepare_output(output: Path) -> Path:
@@ -81,17 +83,34 @@ def compare(dataset: str, configuration: str, trainers: Sequence[str], plans: st
     run_rows = run_statistics(ground, structures, baseline)
     where = "test set" if test_gt else f"folds {list(folds)}" + (f", seeds {list(seeds)}" if seeds else "")
     title = f"{dataset_name}, {configuration}, {where}"
+    curves = _training_curves(runs, ground)
+    training_rows = curve_rows(curves)
     (out / "comparison.md").write_text(markdown_report(case_rows, run_rows, ground, structures, baseline, title,
-                                                       missing))
+                                                       missing, curve_report(training_rows, baseline)))
     write_csv(out / "comparison.csv", case_rows)
     write_csv(out / "comparison_runs.csv", run_rows)
     write_json(out / "comparison.json", {
         "dataset": dataset_name, "configuration": configuration, "baseline": baseline, "folds": list(folds),
         "seeds": list(seeds), "structures": structures, "missing": missing, "dropped": ground.dropped,
         "runs": [run_label(k) for k in ground.run_keys], "cases": ground.cases, "run_statistics": run_rows,
-        "statistics": case_rows,
+        "training_curves": training_rows, "statistics": case_rows,
         "per_case": {t.trainer: {m: {s: dict(zip(ground.cases, t.per_case(m, s, ground.cases).tolist()))
                                      for s in [*structures, MEAN]} for m in METRICS}
                      for t in ground.trainers}})
     plot_comparison(ground, run_rows, structures, baseline, out)
+    if curves:
+        plot_training_curves(curves, {t: short_name(t) for t in curves}, out)
     return out
+
+
+def _training_curves(runs: Sequence[RunSource], ground: CommonGround) -> Dict[str, Dict[str, TrainingCurve]]:
+    """trainer -> run label -> training curve, for the compared cross-validation runs with a checkpoint."""
+    compared = {(t.trainer, key) for t in ground.trainers for key in ground.run_keys}
+    curves: Dict[str, Dict[str, TrainingCurve]] = {}
+    for run in runs:
+        if run.fold is None or (run.trainer, run.key) not in compared:
+            continue  # an external test set's predictions carry no training log
+        curve = read_training_curve(run.predictions.parent)
+        if curve is not None:
+            curves.setdefault(run.trainer, {})[run.label] = curve
+    return curves

@@ -69,7 +69,8 @@ def run_table(run_rows: Sequence[dict], baseline: str) -> List[str]:
 
 
 def markdown_report(case_rows: Sequence[dict], run_rows: Sequence[dict], ground: CommonGround,
-                    structures: Sequence[str], baseline: str, title: str, missing: Sequence[str]) -> str:
+                    structures: Sequence[str], baseline: str, title: str, missing: Sequence[str],
+                    training_curve_lines: Sequence[str] = ()) -> str:
     trainers = [t.trainer for t in ground.trainers]
     runs = ", ".join(run_label(k) for k in ground.run_keys)
     lines = [f"# {title}", "", f"Baseline: `{baseline}`. Runs per trainer: {len(ground.run_keys)} ({runs}); "
@@ -82,7 +83,7 @@ def markdown_report(case_rows: Sequence[dict], run_rows: Sequence[dict], ground:
         lines += ["**One run per trainer.** Training from a different seed moves mean Dice by a few hundredths at "
                   "CPU budgets; train seeds (`<Trainer>_seed<N>`) or folds and pass them (`--seeds`, `-f`) before "
                   "reading the differences below as method effects.", ""]
-    lines += ["## Per case (inside the runs)", "",
+    lines += [*training_curve_lines, "## Per case (inside the runs)", "",
               "Values: mean +- std over cases (a case predicted by several seeds counts with its mean over them); "
               "p-values: paired tests of the per-case mean Dice against the baseline. These say how consistent "
               "the trained networks are across cases, not whether the method is better.", ""]
