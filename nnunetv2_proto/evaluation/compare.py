@@ -99,7 +99,7 @@ def compare(dataset: str, configuration: str, trainers: Sequence[str], plans: st
                      for t in ground.trainers}})
     plot_comparison(ground, run_rows, structures, baseline, out)
     if curves:
-        plot_training_curves(curves, {t: short_name(t) for t in curves}, out)
+        plot_training_curves(curves, {t: short_name(t) for t in curves}, out / "comparison_curves.png")
     return out
 
 

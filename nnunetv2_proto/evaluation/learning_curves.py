@@ -111,7 +111,7 @@ def curve_report(rows: Sequence[dict], baseline: str) -> List[str]:
     return lines + [""]
 
 
-def plot_training_curves(curves: Dict[str, Dict[str, TrainingCurve]], names: Dict[str, str], out: Path) -> Path:
+def plot_training_curves(curves: Dict[str, Dict[str, TrainingCurve]], names: Dict[str, str], path: Path) -> Path:
     """EMA pseudo-Dice and train loss per run, one colour per trainer."""
     import matplotlib
     matplotlib.use("Agg")
@@ -133,7 +133,6 @@ def plot_training_curves(curves: Dict[str, Dict[str, TrainingCurve]], names: Dic
         ax.grid(alpha=0.3)
     dice_ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    path = out / "comparison_curves.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
