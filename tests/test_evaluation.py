@@ -264,3 +264,11 @@ def test_training_curves_say_when_the_baseline_had_not_levelled_off(tmp_path, mo
     out = compare(tree["dataset"], "3d_fullres", ["nnUNetTrainer", "worseTrainer"], folds=[0], baseline="worseTrainer",
                   output=tmp_path / "swapped", num_processes=1, progress=lambda _: None)
     assert "had not levelled off" not in (out / "comparison.md").read_text()
+    # a damaged checkpoint costs its curve, never the comparison of finished predictions
+    checkpoint = runs / "worseTrainer__nnUNetPlans__3d_fullres" / "fold_0" / "checkpoint_final.pth"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:100])
+    out = compare(tree["dataset"], "3d_fullres", ["nnUNetTrainer", "worseTrainer"], folds=[0], output=tmp_path / "cut",
+                  num_processes=1, progress=lambda _: None)
+    assert "could be read from the checkpoint of: `worseTrainer` fold 0" in (out / "comparison.md").read_text()
+    assert [r["trainer"] for r in json.loads((out / "comparison.json").read_text())["training_curves"]] == [
+        "nnUNetTrainer"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from nnunetv2_proto.environment import SetupError, resolve_dataset_name
 from nnunetv2_proto.evaluation.evaluate import EvaluationPolicy
@@ -83,10 +83,10 @@ def compare(dataset: str, configuration: str, trainers: Sequence[str], plans: st
     run_rows = run_statistics(ground, structures, baseline)
     where = "test set" if test_gt else f"folds {list(folds)}" + (f", seeds {list(seeds)}" if seeds else "")
     title = f"{dataset_name}, {configuration}, {where}"
-    curves = _training_curves(runs, ground)
+    curves, without_log = _training_curves(runs, ground)
     training_rows = curve_rows(curves)
     (out / "comparison.md").write_text(markdown_report(case_rows, run_rows, ground, structures, baseline, title,
-                                                       missing, curve_report(training_rows, baseline)))
+                                                       missing, curve_report(training_rows, baseline, without_log)))
     write_csv(out / "comparison.csv", case_rows)
     write_csv(out / "comparison_runs.csv", run_rows)
     write_json(out / "comparison.json", {
@@ -103,14 +103,19 @@ def compare(dataset: str, configuration: str, trainers: Sequence[str], plans: st
     return out
 
 
-def _training_curves(runs: Sequence[RunSource], ground: CommonGround) -> Dict[str, Dict[str, TrainingCurve]]:
-    """trainer -> run label -> training curve, for the compared cross-validation runs with a checkpoint."""
+def _training_curves(runs: Sequence[RunSource], ground: CommonGround
+                     ) -> Tuple[Dict[str, Dict[str, TrainingCurve]], List[str]]:
+    """trainer -> run label -> training curve for the compared cross-validation runs, and the runs whose
+    checkpoint gave none."""
     compared = {(t.trainer, key) for t in ground.trainers for key in ground.run_keys}
     curves: Dict[str, Dict[str, TrainingCurve]] = {}
+    without_log: List[str] = []
     for run in runs:
         if run.fold is None or (run.trainer, run.key) not in compared:
             continue  # an external test set's predictions carry no training log
         curve = read_training_curve(run.predictions.parent)
-        if curve is not None:
+        if curve is None:
+            without_log.append(f"`{run.trainer}` {run.label}")
+        else:
             curves.setdefault(run.trainer, {})[run.label] = curve
-    return curves
+    return curves, without_log

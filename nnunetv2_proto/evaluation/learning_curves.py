@@ -15,6 +15,7 @@ final Dice, which is why it is read for its slope, never as the result.
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -51,15 +52,20 @@ class TrainingCurve:
 
 
 def read_training_curve(fold_folder: Path) -> Optional[TrainingCurve]:
-    """The per-epoch log nnU-Net saved with the run, or None when the folder has no checkpoint."""
+    """The per-epoch log nnU-Net saved with the run, or None when the folder has no readable checkpoint with
+    one (the curves are a diagnostic: a damaged checkpoint must not stop the comparison of finished predictions;
+    the report lists the runs without a curve)."""
     import torch
     checkpoint_file = next((fold_folder / name for name in CHECKPOINTS if (fold_folder / name).is_file()), None)
     if checkpoint_file is None:
         return None
     # nnU-Net's checkpoints hold numpy scalars and the trainer's init arguments, so they need the full
     # unpickler; these are the user's own training outputs, loaded the way nnU-Net itself loads them
-    checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=False)
-    log = checkpoint.get("logging", {})
+    try:
+        checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
+        return None
+    log = checkpoint.get("logging", {}) if isinstance(checkpoint, dict) else {}
     epochs = min(len(log.get(key, [])) for key in ("mean_fg_dice", "ema_fg_dice", "train_losses", "val_losses"))
     if epochs == 0:
         return None
@@ -86,9 +92,10 @@ def curve_rows(curves: Dict[str, Dict[str, TrainingCurve]]) -> List[dict]:
     return rows
 
 
-def curve_report(rows: Sequence[dict], baseline: str) -> List[str]:
-    """Markdown lines: the per-run table and, when the baseline was still climbing, the warning."""
-    if not rows:
+def curve_report(rows: Sequence[dict], baseline: str, without_log: Sequence[str] = ()) -> List[str]:
+    """Markdown lines: the per-run table, the runs whose checkpoint gave no log, and, when the baseline was still
+    climbing, the warning."""
+    if not rows and not without_log:
         return []
     lines = ["## Training curves (did the budget reach the baseline's plateau?)", "",
              f"nnU-Net's pseudo-Dice (validation patches): its EMA at the end of training, and the late rise = "
@@ -100,6 +107,8 @@ def curve_report(rows: Sequence[dict], baseline: str) -> List[str]:
         steps = "-" if r["steps"] is None else str(r["steps"])
         lines.append(f"| `{r['trainer']}` | {r['run']} | {r['epochs']} | {steps} | {r['final_ema_pseudo_dice']:.3f} | "
                      f"{r['late_rise']:+.3f} |")
+    if without_log:
+        lines += ["", "No training log could be read from the checkpoint of: " + ", ".join(without_log) + "."]
     rising = [r for r in rows if r["trainer"] == baseline and np.isfinite(r["late_rise"])
               and r["late_rise"] > STILL_RISING]
     if rising:

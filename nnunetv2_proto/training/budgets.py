@@ -6,10 +6,10 @@ SIPL, MPER and the semi-supervised trainers see exactly the same number of optim
 variants. ``<Trainer>_cpuBudgetLong`` variants give five times as many steps for datasets
 where 200 steps do not get vanilla nnU-Net off the all-background solution (2D ACDC at batch
 7 is one: its pseudo-Dice is still about 0.02 after 200 steps), and ``_cpuBudgetXL`` variants
-three times that again (2D ACDC at 1000 steps still misses the right ventricle in some seeds). The mixin also times the
-training phase of each epoch (iterations only, not validation) and writes
-``training_timing.json`` next to the checkpoints, which is where the demo's and benchmarks'
-seconds-per-iteration figures come from.
+three times that again (2D ACDC at 1000 steps still misses the right ventricle in some seeds).
+The mixin also times the training phase of each epoch (iterations only, not validation) and
+writes ``training_timing.json`` next to the checkpoints, which is where the demo's and
+benchmarks' seconds-per-iteration figures come from.
 
 The budgets predict without test-time mirroring (nnU-Net's final validation and
 ``nnUNetv2_predict`` of these models): in 3D that is 8x fewer forward passes per tile, which
