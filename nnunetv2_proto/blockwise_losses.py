@@ -157,12 +157,12 @@ class _BlockwiseSoftmaxDiceCE(torch.autograd.Function):
             sum_pred += p.sum(-1)
             intersect.scatter_add_(1, block_labels, p_label)
             ce_sum -= log_p_label.sum()
-        ce_count = valid_f.sum() if valid_f is not None else x.new_tensor(float(batch * num_voxels))
+        # an all-ignored patch has ce_sum 0 (every term masked): the clamp makes its CE 0, as nnU-Net skips it,
+        # without asking the device whether the count is 0
+        ce_count = (valid_f.sum() if valid_f is not None else x.new_tensor(float(batch * num_voxels))).clamp_min(1.0)
         dice, d_intersect, d_sum_pred = settings.dice_and_gradients(intersect, sum_pred, sum_gt)
-        use_ce = settings.weight_ce != 0 and bool(ce_count > 0)
-        ce = ce_sum / ce_count if use_ce else x.new_zeros(())
+        ce = ce_sum / ce_count
         ctx.settings = settings
-        ctx.use_ce = use_ce
         ctx.save_for_backward(logits, labels, d_intersect, d_sum_pred, ce_count)
         return settings.weight_ce * ce + settings.weight_dice * dice
 
@@ -175,7 +175,7 @@ class _BlockwiseSoftmaxDiceCE(torch.autograd.Function):
         dice_labels, valid = _without_ignore_label(labels, settings.ignore_label)
         d_intersect = (settings.weight_dice * grad_output) * d_intersect  # (B, K)
         d_sum_pred = ((settings.weight_dice * grad_output) * d_sum_pred).unsqueeze(-1)  # (B, K, 1)
-        ce_scale = settings.weight_ce * grad_output / ce_count if ctx.use_ce else None
+        ce_scale = settings.weight_ce * grad_output / ce_count if settings.weight_ce != 0 else None
         grad = torch.empty_like(x)
         for block in voxel_blocks(num_voxels, 4 * batch * classes, x.device):
             p = torch.softmax(x[..., block], 1)

@@ -2,8 +2,8 @@
 
 At a budget where vanilla nnU-Net is still climbing, a head that merely learns faster wins a
 comparison it would lose at convergence, and runs spread widely (a structure that one seed has
-not learnt yet). nnU-Net keeps every run's per-epoch log in its checkpoints (EMA pseudo-Dice,
-train and validation loss); ``compare`` reads it from ``checkpoint_final.pth`` (a cut run's
+not learnt yet). nnU-Net keeps every run's per-epoch log in its checkpoints (pseudo-Dice and its
+EMA, train loss); ``compare`` reads it from ``checkpoint_final.pth`` (a cut run's
 ``checkpoint_latest.pth``), plots the curves and reports how much each run's pseudo-Dice still
 rose at the end: the mean over the last fifth of the epochs minus the mean over the fifth before.
 Window means of the per-epoch values, not the EMA, because the EMA (time constant ten epochs)
@@ -36,7 +36,6 @@ class TrainingCurve:
     pseudo_dice: np.ndarray  # one value per finished epoch
     ema_pseudo_dice: np.ndarray
     train_loss: np.ndarray
-    val_loss: np.ndarray
     iterations_per_epoch: Optional[int]  # None: unknown, the curve is plotted against epochs
 
     @property
@@ -60,13 +59,14 @@ def read_training_curve(fold_folder: Path) -> Optional[TrainingCurve]:
     if checkpoint_file is None:
         return None
     # nnU-Net's checkpoints hold numpy scalars and the trainer's init arguments, so they need the full
-    # unpickler; these are the user's own training outputs, loaded the way nnU-Net itself loads them
+    # unpickler; these are the user's own training outputs, loaded the way nnU-Net itself loads them.
+    # Memory-mapped: only the log is read, not the weights and optimiser state (hundreds of MB in 3d_fullres)
     try:
-        checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=False, mmap=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
         return None
     log = checkpoint.get("logging", {}) if isinstance(checkpoint, dict) else {}
-    epochs = min(len(log.get(key, [])) for key in ("mean_fg_dice", "ema_fg_dice", "train_losses", "val_losses"))
+    epochs = min(len(log.get(key, [])) for key in ("mean_fg_dice", "ema_fg_dice", "train_losses"))
     if epochs == 0:
         return None
     timing = fold_folder / TIMING_FILE
@@ -75,8 +75,7 @@ def read_training_curve(fold_folder: Path) -> Optional[TrainingCurve]:
     def series(key: str) -> np.ndarray:
         return np.asarray(log[key][:epochs], dtype=float)
 
-    return TrainingCurve(series("mean_fg_dice"), series("ema_fg_dice"), series("train_losses"), series("val_losses"),
-                         iterations)
+    return TrainingCurve(series("mean_fg_dice"), series("ema_fg_dice"), series("train_losses"), iterations)
 
 
 def curve_rows(curves: Dict[str, Dict[str, TrainingCurve]]) -> List[dict]:
