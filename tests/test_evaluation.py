@@ -272,3 +272,43 @@ def test_training_curves_say_when_the_baseline_had_not_levelled_off(tmp_path, mo
     assert "could be read from the checkpoint of: `worseTrainer` fold 0" in (out / "comparison.md").read_text()
     assert [r["trainer"] for r in json.loads((out / "comparison.json").read_text())["training_curves"]] == [
         "nnUNetTrainer"]
+
+
+def load_run_archive():
+    import importlib.util
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "run_archive.py"
+    spec = importlib.util.spec_from_file_location("run_archive", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_archived_runs_compare_like_the_originals(tmp_path, monkeypatch):
+    run_archive = load_run_archive()
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "nnUNet_preprocessed"))
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "nnUNet_results"))
+    tree = make_results_tree(tmp_path, {"removed": [0, 10, 20]})
+    runs = tmp_path / "nnUNet_results" / tree["dataset"]
+    folds = [runs / f"{t}__nnUNetPlans__3d_fullres" / "fold_0" for t in ("nnUNetTrainer", "worseTrainer")]
+    write_training_log(folds[0], np.linspace(0.2, 0.8, 10), iterations_per_epoch=5)
+    write_training_log(folds[1], np.full(10, 0.5))
+    trainers = ["nnUNetTrainer", "worseTrainer"]
+    original = json.loads((compare(tree["dataset"], "3d_fullres", trainers, folds=[0], output=tmp_path / "a",
+                                   num_processes=1, progress=lambda _: None) / "comparison.json").read_text())
+    archive = tmp_path / "archive"
+    for fold_folder in folds:
+        run_archive.export_run(fold_folder, archive)
+    archived = archive / tree["dataset"] / "worseTrainer__nnUNetPlans__3d_fullres" / "fold_0"
+    assert (archived / "training_log.pth").is_file() and not (archived / "checkpoint_final.pth").exists()
+    # on a machine without the runs: restore into an empty results folder, compare as before
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "elsewhere"))
+    assert len(run_archive.restore_runs(archive, tmp_path / "elsewhere")) == 2
+    restored = json.loads((compare(tree["dataset"], "3d_fullres", trainers, folds=[0], output=tmp_path / "b",
+                                   num_processes=1, progress=lambda _: None) / "comparison.json").read_text())
+    for key in ("statistics", "run_statistics", "per_case", "training_curves"):
+        assert restored[key] == original[key], key
+    assert restored["training_curves"][0]["steps"] == 50
+    # a run without its final checkpoint is still training or was cut: refused, with the fix
+    (folds[1] / "checkpoint_final.pth").unlink()
+    with pytest.raises(SystemExit, match="not a finished run"):
+        run_archive.export_run(folds[1], archive)

@@ -4,9 +4,9 @@ At a budget where vanilla nnU-Net is still climbing, a head that merely learns f
 comparison it would lose at convergence, and runs spread widely (a structure that one seed has
 not learnt yet). nnU-Net keeps every run's per-epoch log in its checkpoints (pseudo-Dice and its
 EMA, train loss); ``compare`` reads it from ``checkpoint_final.pth`` (a cut run's
-``checkpoint_latest.pth``), plots the curves and reports how much each run's pseudo-Dice still
-rose at the end: the mean over the last fifth of the epochs minus the mean over the fifth before.
-Window means of the per-epoch values, not the EMA, because the EMA (time constant ten epochs)
+``checkpoint_latest.pth``, an archived run's log-only ``training_log.pth``), plots the curves and
+reports how much each run's pseudo-Dice still rose at the end: the mean over the last fifth of
+the epochs minus the mean over the fifth before. Window means of the per-epoch values, not the EMA, because the EMA (time constant ten epochs)
 lags and would report a run that has stopped improving as still rising. The pseudo-Dice is
 nnU-Net's own (a few patches of the validation cases, foreground classes); it only tracks the
 final Dice, which is why it is read for its slope, never as the result.
@@ -28,7 +28,9 @@ from nnunetv2_proto.training.budgets import TIMING_FILE  # the CPU budgets recor
 LATE_FRACTION = 0.2
 # a baseline whose pseudo-Dice still rises more than this between the two windows is short of its plateau
 STILL_RISING = 0.01
-CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth")
+# a run archived without its weights (benchmarks/run_archive.py) keeps only the checkpoint's log, in this file
+TRAINING_LOG_FILE = "training_log.pth"
+CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth", TRAINING_LOG_FILE)
 
 
 @dataclass(frozen=True)
