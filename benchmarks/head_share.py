@@ -14,15 +14,12 @@ Run: python benchmarks/head_share.py -d 501 -c 3d_fullres -tr nnUNetTrainerSIPL 
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 import time
 from typing import Dict, List
 
 import torch
 
-from nnunetv2_proto.environment import require_nnunet_folders, resolve_dataset_name
-from nnunetv2_proto.profiling.benchmark_heads import MeasuredTrainer
+from nnunetv2_proto.profiling.benchmark_heads import MeasuredTrainer, add_trainer_arguments, trainers_in_this_process
 
 NNUNET_PARTS = ("encoder", "decoder")
 
@@ -66,27 +63,17 @@ def time_added_parts(measured: MeasuredTrainer, repeats: int, warmup: int) -> Li
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("-d", "--dataset", required=True)
-    parser.add_argument("-c", "--configuration", required=True)
-    parser.add_argument("-p", "--plans", default="nnUNetPlans")
-    parser.add_argument("-tr", "--trainers", nargs="+", required=True)
+    add_trainer_arguments(parser, "trainers whose added modules are timed")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    folders = require_nnunet_folders(("nnUNet_preprocessed",))
-    name = resolve_dataset_name(args.dataset)
-    preprocessed = folders["nnUNet_preprocessed"] / name
-    print(f"{name} {args.configuration} on {args.device}, median of {args.repeats} forward passes "
-          f"after {args.warmup} warm-up (deep supervision off, as nnUNetv2_predict runs it)")
-    print("| trainer | whole forward (s) | added module | its time (s) | share | implied ratio to the UNet alone |")
-    print("|---|---|---|---|---|---|")
-    saved_results = os.environ.get("nnUNet_results")
-    with tempfile.TemporaryDirectory() as results_dir:
+    with trainers_in_this_process(args.dataset, args.plans, args.device) as (name, build):
+        print(f"{name} {args.configuration} on {args.device}, median of {args.repeats} forward passes "
+              f"after {args.warmup} warm-up (deep supervision off, as nnUNetv2_predict runs it)")
+        print("| trainer | whole forward (s) | added module | its time (s) | share | implied ratio to the UNet alone |")
+        print("|---|---|---|---|---|---|")
         for trainer in args.trainers:
-            measured = MeasuredTrainer(trainer, str(preprocessed / f"{args.plans}.json"),
-                                       str(preprocessed / "dataset.json"), args.configuration, None, args.device,
-                                       None, results_dir)
+            measured = build(trainer, args.configuration)  # one at a time: full-size set-ups are large
             rows = time_added_parts(measured, args.repeats, args.warmup)
             whole = sorted(r["whole"] for r in rows)[len(rows) // 2]
             for part in [k for k in rows[0] if k != "whole"] or ["(none)"]:
@@ -94,8 +81,6 @@ def main() -> None:
                 print(f"| `{trainer}` | {whole:.3f} | `{part}` | {added:.3f} | {100 * added / whole:.1f}% | "
                       f"{whole / max(whole - added, 1e-9):.3f} |", flush=True)
             del measured
-    if saved_results is not None:
-        os.environ["nnUNet_results"] = saved_results
 
 
 if __name__ == "__main__":

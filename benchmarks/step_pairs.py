@@ -20,15 +20,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import statistics
-import tempfile
 from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-from nnunetv2_proto.environment import require_nnunet_folders, resolve_dataset_name
-from nnunetv2_proto.profiling.benchmark_heads import MeasuredTrainer
+from nnunetv2_proto.profiling.benchmark_heads import MeasuredTrainer, add_trainer_arguments, trainers_in_this_process
 
 
 def median_interval(values: Sequence[float], confidence: float = 0.95) -> Tuple[float, float, float]:
@@ -60,30 +57,19 @@ def paired_rounds(baseline: MeasuredTrainer, candidates: Dict[str, MeasuredTrain
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("-d", "--dataset", required=True)
-    parser.add_argument("-c", "--configuration", required=True)
-    parser.add_argument("-p", "--plans", default="nnUNetPlans")
-    parser.add_argument("-tr", "--trainers", nargs="+", required=True, help="the baseline first, then candidates")
+    add_trainer_arguments(parser, "the baseline first, then candidates")
     parser.add_argument("--num-classes", type=int, default=None, help="synthetic label set of K classes")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     if len(args.trainers) < 2:
         parser.error("name a baseline and at least one candidate trainer")
-    folders = require_nnunet_folders(("nnUNet_preprocessed",))
-    name = resolve_dataset_name(args.dataset)
-    preprocessed = folders["nnUNet_preprocessed"] / name
-    saved_results = os.environ.get("nnUNet_results")
-    with tempfile.TemporaryDirectory() as results_dir:
-        measured = {trainer: MeasuredTrainer(trainer, str(preprocessed / f"{args.plans}.json"),
-                                             str(preprocessed / "dataset.json"), args.configuration,
-                                             args.num_classes, args.device, None, results_dir)
-                    for trainer in args.trainers}
+    if args.rounds < 6:
+        parser.error("--rounds must be at least 6: fewer rounds give no 95% interval for the median")
+    with trainers_in_this_process(args.dataset, args.plans, args.device) as (name, build):
+        measured = {trainer: build(trainer, args.configuration, args.num_classes) for trainer in args.trainers}
         baseline, *candidates = args.trainers
         ratios = paired_rounds(measured[baseline], {t: measured[t] for t in candidates}, args.rounds, args.warmup)
-    if saved_results is not None:
-        os.environ["nnUNet_results"] = saved_results
     first = measured[baseline].summary()
     print(f"{name} {args.configuration} on {args.device} (K = {first['num_outputs']}, patch {first['patch_size']}, "
           f"batch {first['batch_size']}, {torch.get_num_threads()} threads), one process, {args.rounds} ABBA rounds "

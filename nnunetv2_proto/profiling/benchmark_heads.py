@@ -23,6 +23,8 @@ figure to within 0.1 MB on repeats. That setting slows allocation, so it is not 
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -31,7 +33,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -158,6 +160,38 @@ class MeasuredTrainer:
                 "memory_kind": ("CUDA max_memory_allocated" if self.device.type == "cuda"
                                 else "CPU peak RSS growth during the measurements"),
                 "parameters": sum(p.numel() for p in trainer.network.parameters())}
+
+
+def add_trainer_arguments(parser: argparse.ArgumentParser, trainers_help: str) -> None:
+    """The arguments every in-process measurement script takes: dataset, configuration, plans, trainers."""
+    parser.add_argument("-d", "--dataset", required=True)
+    parser.add_argument("-c", "--configuration", required=True)
+    parser.add_argument("-p", "--plans", default="nnUNetPlans")
+    parser.add_argument("-tr", "--trainers", nargs="+", required=True, help=trainers_help)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+@contextlib.contextmanager
+def trainers_in_this_process(dataset: str, plans_name: str, device: str
+                             ) -> Iterator[Tuple[str, Callable[[str, str, Optional[int]], MeasuredTrainer]]]:
+    """(dataset folder name, build(trainer, configuration, num_classes) -> MeasuredTrainer) for scripts that
+    measure trainers side by side in one process; the trainers' logs go to a temporary folder, and the
+    caller's nnUNet_results is restored afterwards."""
+    from nnunetv2_proto.environment import require_nnunet_folders, resolve_dataset_name
+    folders = require_nnunet_folders(("nnUNet_preprocessed",))
+    name = resolve_dataset_name(dataset)
+    preprocessed = folders["nnUNet_preprocessed"] / name
+    saved_results = os.environ.get("nnUNet_results")
+    try:
+        with tempfile.TemporaryDirectory() as results_dir:
+            def build(trainer: str, configuration: str, num_classes: Optional[int] = None) -> MeasuredTrainer:
+                return MeasuredTrainer(trainer, str(preprocessed / f"{plans_name}.json"),
+                                       str(preprocessed / "dataset.json"), configuration, num_classes, device,
+                                       None, results_dir)
+            yield name, build
+    finally:
+        if saved_results is not None:
+            os.environ["nnUNet_results"] = saved_results
 
 
 def _serve(connection, *args) -> None:
