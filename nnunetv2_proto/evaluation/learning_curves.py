@@ -8,9 +8,9 @@ EMA, train loss); ``compare`` reads it from ``checkpoint_final.pth`` (a cut run'
 reports how much each run's pseudo-Dice still rose at the end: the mean over the last fifth of
 the epochs minus the mean over the fifth before. Window means of the per-epoch values, not the
 EMA, because the EMA (time constant ten epochs) lags and would report a run that has stopped
-improving as still rising. The pseudo-Dice is
-nnU-Net's own (a few patches of the validation cases, foreground classes); it only tracks the
-final Dice, which is why it is read for its slope, never as the result.
+improving as still rising. The pseudo-Dice is nnU-Net's own (a few patches of the validation
+cases, foreground classes); it only tracks the final Dice, which is why it is read for its slope,
+never as the result.
 """
 
 from __future__ import annotations
