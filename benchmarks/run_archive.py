@@ -23,10 +23,10 @@ import shutil
 from pathlib import Path
 from typing import List
 
+from nnunetv2_proto.evaluation.inference_modes import CHECKPOINT as FINISHED
 from nnunetv2_proto.evaluation.learning_curves import TRAINING_LOG_FILE
 from nnunetv2_proto.training.budgets import TIMING_FILE
 
-FINISHED = "checkpoint_final.pth"
 KEPT_FILES = ("debug.json", "progress.png", TIMING_FILE)
 KEPT_PATTERNS = ("training_log_*.txt",)
 
