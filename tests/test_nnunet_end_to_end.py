@@ -312,10 +312,53 @@ def test_demo_report_scores_real_predictions_of_exactly_the_validation_cases(wor
 GOLDEN_STEPS = Path(__file__).resolve().parent / "data" / "golden_training_steps.json"
 GOLDEN_TRAINERS = ("nnUNetTrainerSIPL_testBudget", "nnUNetTrainerMPER_testBudget", "nnUNetTrainerBCP_testBudget",
                    "nnUNetTrainerMPERSemi_testBudget")
+# Another x86 CPU (AVX2 against AVX-512 kernels in oneDNN and ATen) sums in another order; over three SGD steps
+# with momentum 0.99, k-means assignments and prototype winners, that moves each tensor's update by up to 1.5%
+# (measured: ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 against this machine's defaults), while the
+# initial weights are bit-identical. So the guard compares the update, not the weights: the weights' plain
+# sums, the old guard, cancel to a small number and moved by 2e-4 of it on CI's host.
+UPDATE_RTOL = 0.05
+SAMPLE_RTOL = 0.2
+UPDATE_SAMPLE_SIZE = 8
+# tensors whose gradient is zero by construction (conv biases before instance norm) move by rounding only
+NO_UPDATE = 1e-7
+
+
+def update_signature(before: dict, after: dict) -> dict:
+    """Per parameter tensor (aliases once): the update's size, L2 norm and its values at a few fixed positions."""
+    sizes, norms, samples, seen = {}, {}, {}, set()
+    for key in sorted(after):
+        if not after[key].is_floating_point() or after[key].data_ptr() in seen:
+            continue
+        seen.add(after[key].data_ptr())
+        update = (after[key].double() - before[key].double()).flatten()
+        positions = torch.randperm(update.numel(), generator=torch.Generator().manual_seed(update.numel()))
+        sizes[key], norms[key] = update.numel(), float(update.norm())
+        samples[key] = update[positions[:UPDATE_SAMPLE_SIZE]].tolist()
+    return {"update_sizes": sizes, "update_norms": norms, "update_samples": samples}
+
+
+def update_mismatches(measured: dict, expected: dict) -> list:
+    """(tensor, what differs, relative difference) for each update that differs by more than its tolerance."""
+    wrong = []
+    for key, norm in expected["update_norms"].items():
+        ours = measured["update_norms"][key]
+        if norm < NO_UPDATE:
+            if ours >= 10 * NO_UPDATE:
+                wrong.append((key, "moves where the recording did not", ours))
+            continue
+        if abs(ours - norm) > UPDATE_RTOL * norm:
+            wrong.append((key, "update norm", abs(ours - norm) / norm))
+        sample, recorded = torch.tensor(measured["update_samples"][key]), torch.tensor(expected["update_samples"][key])
+        # what a few entries of this update weigh: an update of the same size in another direction lands at ~1.4
+        sample_scale = norm * (len(recorded) / expected["update_sizes"][key]) ** 0.5
+        if float((sample - recorded).norm()) > SAMPLE_RTOL * sample_scale:
+            wrong.append((key, "update direction", float((sample - recorded).norm()) / sample_scale))
+    return wrong
 
 
 def seeded_steps(workspace, trainer_name: str, monkeypatch) -> dict:
-    """Three seeded training steps in each family's costliest phase: losses, their parts, and the weights."""
+    """Three seeded training steps in each family's costliest phase: losses, their parts, and the update."""
     import hashlib
     import random
     for key, value in workspace["env"].items():
@@ -325,14 +368,14 @@ def seeded_steps(workspace, trainer_name: str, monkeypatch) -> dict:
     random.seed(0), np.random.seed(0), torch.manual_seed(0)
     trainer = get_trainer_from_args(str(DATASET_ID), CONFIGURATION, 2, trainer_name, device=torch.device("cpu"))
     trainer.initialize()
+    initial = {k: v.detach().clone() for k, v in trainer.network.state_dict().items()}
     trainer.current_epoch = getattr(trainer, "warmup_epochs", 0)  # prototypes / self-training on
     trainer.dataloader_train, trainer.dataloader_val = trainer.get_dataloaders()
     trainer.on_train_epoch_start()
     steps = [trainer.train_step(next(trainer.dataloader_train)) for _ in range(3)]
     state = trainer.network.state_dict()
     digest = hashlib.sha256(b"".join(state[k].detach().contiguous().numpy().tobytes() for k in sorted(state)))
-    return {"steps": [{k: float(v) for k, v in s.items()} for s in steps],
-            "weight_sums": {k: float(state[k].double().sum()) for k in sorted(state)},
+    return {"steps": [{k: float(v) for k, v in s.items()} for s in steps], **update_signature(initial, state),
             "weights_sha256": digest.hexdigest()}
 
 
@@ -353,9 +396,8 @@ def test_training_steps_match_the_recorded_behaviour(workspace, trainer, monkeyp
     for ours, theirs in zip(measured["steps"], expected["steps"]):
         for key in theirs:
             assert ours[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-6), (trainer, key)
-    assert set(measured["weight_sums"]) == set(expected["weight_sums"])
-    for key, value in expected["weight_sums"].items():
-        assert measured["weight_sums"][key] == pytest.approx(value, rel=1e-4, abs=1e-5), (trainer, key)
+    assert set(measured["update_norms"]) == set(expected["update_norms"])
+    assert update_mismatches(measured, expected) == [], trainer
 
 
 def test_sipl_training_log_shows_its_diagnostics_every_epoch(workspace):
