@@ -96,7 +96,8 @@ def test_fused_scores_equal_the_composed_definitions_in_value_and_gradient(shape
         return torch.autograd.grad(sum((t * u).sum() for t, u in zip(terms, upstream)), features)[0]
     expected_gradient = gradient(composed[:3])
     assert torch.allclose(gradient(fused[:3]), expected_gradient) and expected_gradient.abs().sum() > 0
-    assert torch.autograd.gradcheck(lambda f: classifier.scores(f, labels)[:3], (features,))
+    # fast_mode checks a random projection of the Jacobian: full gradchecks of the blocked 3D cases took minutes
+    assert torch.autograd.gradcheck(lambda f: classifier.scores(f, labels)[:3], (features,), fast_mode=True)
 
 
 @pytest.mark.parametrize("temperature", [0.025, 0.02])  # either side of the shift-free limit 1/T = 40
