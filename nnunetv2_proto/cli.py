@@ -81,7 +81,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     out = compare(args.d, args.c, args.tr, args.p, args.f, args.baseline, Path(args.out) if args.out else None,
                   Path(args.test_gt) if args.test_gt else None,
                   Path(args.test_pred_root) if args.test_pred_root else None, args.allow_missing, args.np,
-                  Path(args.dataset_json) if args.dataset_json else None, seeds=args.seeds)
+                  Path(args.dataset_json) if args.dataset_json else None, seeds=args.seeds,
+                  earlier=[Path(f) for f in args.earlier])
     print((out / "comparison.md").read_text())
     figures = [f.name for f in sorted(out.glob("comparison*.png"))]
     print(f"written: {out}/comparison.md, comparison.csv, comparison_runs.csv, comparison.json, " + ", ".join(figures))
@@ -188,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="structure names / regions (default: the dataset's dataset.json when found)")
     p.add_argument("--allow-missing", action="store_true",
                    help="compare the runs and predicted cases that exist; list the rest as missing")
+    p.add_argument("--earlier", nargs="+", default=[], metavar="COMPARISON_JSON",
+                   help="one-run comparisons (their comparison.json) whose stored per-case scores stand in for runs "
+                        "whose predictions are gone")
     p.add_argument("-np", type=int, default=2, help="processes for evaluation")
     p.set_defaults(func=_cmd_compare)
 

@@ -217,6 +217,45 @@ def test_compare_treats_seeded_runs_as_the_unit_of_evidence(tmp_path, monkeypatc
     assert "cannot be told from run-to-run noise" in (out / "comparison.md").read_text()
 
 
+def test_a_run_known_only_from_an_earlier_comparison_counts_as_that_run(tmp_path, monkeypatch):
+    import shutil
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "nnUNet_preprocessed"))
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "nnUNet_results"))
+    tree = make_results_tree(tmp_path, {"removed": [0, 0, 0, 0]})
+    removed = {"nnUNetTrainer": [0, 10, 20], "worseTrainer": [30, 40, 55]}
+    for trainer, per_seed in removed.items():
+        for seed, r in zip((1, 2, 3), per_seed):
+            left_removed_run(tmp_path, tree["dataset"], f"{trainer}_seed{seed}", r)
+    trainers = list(removed)
+
+    def compared(name, **kwargs):
+        out = compare(tree["dataset"], "3d_fullres", kwargs.pop("trainers", trainers), folds=[0],
+                      output=tmp_path / name, num_processes=1, progress=lambda _: None, **kwargs)
+        return json.loads((out / "comparison.json").read_text()), (out / "comparison.md").read_text()
+    everything, _ = compared("all", seeds=[1, 2, 3])
+    seed1_alone, _ = compared("seed1", seeds=[1], trainers=["nnUNetTrainer"])
+    earlier = tmp_path / "seed1" / "comparison.json"
+    # the baseline's seed 1 predictions are lost with a machine; its stored per-case scores stand in for them
+    shutil.rmtree(tmp_path / "nnUNet_results" / tree["dataset"] / "nnUNetTrainer_seed1__nnUNetPlans__3d_fullres")
+    with pytest.raises(SetupError, match="nnUNetTrainer_seed1: no results folder"):
+        compared("lost", seeds=[1, 2, 3])
+    stood_in, markdown = compared("stood_in", seeds=[1, 2, 3], earlier=[earlier])
+    for key in ("runs", "run_statistics", "statistics", "per_case"):
+        assert stood_in[key] == everything[key], key
+    assert stood_in["earlier_runs"] == [{"trainer": "nnUNetTrainer", "run": "fold 0 seed 1", "comparison": str(earlier)}]
+    assert f"`nnUNetTrainer` fold 0 seed 1: {earlier}" in markdown
+    # what cannot stand in for a run is refused with the reason
+    with pytest.raises(SetupError, match="not among the requested"):
+        compared("other_seeds", seeds=[2, 3], earlier=[earlier])
+    with pytest.raises(SetupError, match="pools 3 runs"):
+        compared("pooled", seeds=[2, 3], earlier=[tmp_path / "all" / "comparison.json"])
+    with pytest.raises(SetupError, match="in both"):
+        compared("twice", seeds=[1, 2, 3], earlier=[earlier, earlier])
+    (tmp_path / "not_json").write_text("{")
+    with pytest.raises(SetupError, match="not a comparison.json"):
+        compared("broken", seeds=[1, 2, 3], earlier=[tmp_path / "not_json"])
+
+
 def test_seeded_trainer_names():
     from nnunetv2_proto.training.seeding import split_seeded_name, worker_seeds
     assert split_seeded_name("nnUNetTrainerSIPL_cpuBudget_seed12") == ("nnUNetTrainerSIPL_cpuBudget", 12)

@@ -22,7 +22,7 @@ from nnunetv2_proto.evaluation.learning_curves import (TrainingCurve, curve_repo
 from nnunetv2_proto.evaluation.metrics import METRICS
 from nnunetv2_proto.evaluation.paired_stats import CommonGround, case_statistics, common_ground, run_statistics
 from nnunetv2_proto.evaluation.report import markdown_report, plot_comparison, short_name, write_csv, write_json
-from nnunetv2_proto.evaluation.runs import MEAN, RunSource, find_runs, run_label, score_runs
+from nnunetv2_proto.evaluation.runs import MEAN, RunSource, earlier_runs, find_runs, run_label, score_runs
 
 
 def _prepare_output(output: Path) -> Path:
@@ -41,12 +41,15 @@ def compare(dataset: str, configuration: str, trainers: Sequence[str], plans: st
             folds: Sequence[int] = (0, 1, 2, 3, 4), baseline: Optional[str] = None, output: Optional[Path] = None,
             test_gt: Optional[Path] = None, test_pred_root: Optional[Path] = None, allow_missing: bool = False,
             num_processes: int = 2, dataset_json: Optional[Path] = None, progress=print,
-            seeds: Sequence[int] = (), policy: Optional[EvaluationPolicy] = None) -> Path:
+            seeds: Sequence[int] = (), policy: Optional[EvaluationPolicy] = None,
+            earlier: Sequence[Path] = ()) -> Path:
     """Run the comparison; returns the output folder.
 
     ``seeds``: compare the runs ``<trainer>_seed<N>`` for each N (every trainer, every fold).
     ``dataset_json`` names the structures (and regions / ignore label); by default the
     preprocessed dataset's for cross-validation, the raw dataset's (if found) for a test set.
+    ``earlier``: comparison.json files of earlier one-run comparisons whose runs take part with their stored
+    per-case scores (a run whose predictions are gone); they count as the runs they were, paired by fold and seed.
     """
     if (test_gt is None) != (test_pred_root is None):
         raise SetupError("--test-gt and --test-pred-root go together", "pass both, or neither for cross-validation")
@@ -60,11 +63,14 @@ def compare(dataset: str, configuration: str, trainers: Sequence[str], plans: st
     if baseline not in trainers:
         trainers = [baseline, *trainers]
     out = _prepare_output(Path(output) if output else Path(f"comparison_{dataset_name}_{configuration}"))
-    runs, missing = find_runs(dataset_name, configuration, trainers, plans, folds, seeds, test_gt, test_pred_root)
+    stored, stored_curves = earlier_runs(earlier, dataset_name, configuration, trainers, folds, seeds,
+                                         test_gt is not None)
+    runs, missing = find_runs(dataset_name, configuration, trainers, plans, folds, seeds, test_gt, test_pred_root,
+                              [(run.source.trainer, run.source.key) for run in stored])
     if missing and not allow_missing:
         raise SetupError("some requested results do not exist:\n    " + "\n    ".join(missing),
                          "train/validate them (nnUNetv2_train ...), restrict -f/-tr/--seeds, or pass --allow-missing")
-    if baseline not in {r.trainer for r in runs}:
+    if baseline not in {r.trainer for r in runs} | {r.source.trainer for r in stored}:
         raise SetupError(f"the baseline {baseline} has no results to compare against", "train it or pick --baseline")
     if dataset_json is None:
         base = os.environ.get("nnUNet_preprocessed" if test_gt is None else "nnUNet_raw")
@@ -73,6 +79,13 @@ def compare(dataset: str, configuration: str, trainers: Sequence[str], plans: st
     if policy is None:
         policy = EvaluationPolicy(allow_missing=allow_missing)
     scored, structures, unscored = score_runs(runs, dataset_json, policy, num_processes, progress)
+    for run in stored:
+        stored_structures = [s for s in run.values["Dice"] if s != MEAN]
+        if scored and set(stored_structures) != set(structures):
+            raise SetupError(f"{run.source.predictions} scores the structures {stored_structures}, the runs found now "
+                             f"{structures}", "compare with the same dataset.json (--dataset-json) as the earlier run")
+        structures = structures or stored_structures
+    scored = [*scored, *stored]
     missing = [*missing, *(f"{run}: no prediction for {len(cases)} case(s) {cases[:5]}"
                            for run, cases in unscored.items())]
     ground = common_ground(scored, list(dict.fromkeys(trainers)))
@@ -84,15 +97,21 @@ def compare(dataset: str, configuration: str, trainers: Sequence[str], plans: st
     where = "test set" if test_gt else f"folds {list(folds)}" + (f", seeds {list(seeds)}" if seeds else "")
     title = f"{dataset_name}, {configuration}, {where}"
     curves, without_log = _training_curves(runs, ground)
-    training_rows = curve_rows(curves)
+    compared = {(t.trainer, run_label(key)) for t in ground.trainers for key in ground.run_keys}
+    training_rows = [*curve_rows(curves), *(row for row in stored_curves if (row["trainer"], row["run"]) in compared)]
+    stored_compared = [run.source for run in stored if (run.source.trainer, run.source.label) in compared]
+    stored_lines = [f"`{source.trainer}` {source.label}: {source.predictions}" for source in stored_compared]
     (out / "comparison.md").write_text(markdown_report(case_rows, run_rows, ground, structures, baseline, title,
-                                                       missing, curve_report(training_rows, baseline, without_log)))
+                                                       missing, curve_report(training_rows, baseline, without_log),
+                                                       stored_lines))
     write_csv(out / "comparison.csv", case_rows)
     write_csv(out / "comparison_runs.csv", run_rows)
     write_json(out / "comparison.json", {
         "dataset": dataset_name, "configuration": configuration, "baseline": baseline, "folds": list(folds),
         "seeds": list(seeds), "structures": structures, "missing": missing, "dropped": ground.dropped,
         "runs": [run_label(k) for k in ground.run_keys], "cases": ground.cases, "run_statistics": run_rows,
+        "earlier_runs": [{"trainer": s.trainer, "run": s.label, "comparison": str(s.predictions)}
+                         for s in stored_compared],
         "training_curves": training_rows, "statistics": case_rows,
         "per_case": {t.trainer: {m: {s: dict(zip(ground.cases, t.per_case(m, s, ground.cases).tolist()))
                                      for s in [*structures, MEAN]} for m in METRICS}
@@ -111,8 +130,8 @@ def _training_curves(runs: Sequence[RunSource], ground: CommonGround
     curves: Dict[str, Dict[str, TrainingCurve]] = {}
     without_log: List[str] = []
     for run in runs:
-        if run.fold is None or (run.trainer, run.key) not in compared:
-            continue  # an external test set's predictions carry no training log
+        if run.fold is None or run.from_earlier_comparison or (run.trainer, run.key) not in compared:
+            continue  # an external test set's predictions carry no training log; a stored run brings its rows
         curve = read_training_curve(run.predictions.parent)
         if curve is None:
             without_log.append(f"`{run.trainer}` {run.label}")

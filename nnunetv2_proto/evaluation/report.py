@@ -70,11 +70,14 @@ def run_table(run_rows: Sequence[dict], baseline: str) -> List[str]:
 
 def markdown_report(case_rows: Sequence[dict], run_rows: Sequence[dict], ground: CommonGround,
                     structures: Sequence[str], baseline: str, title: str, missing: Sequence[str],
-                    training_curve_lines: Sequence[str] = ()) -> str:
+                    training_curve_lines: Sequence[str] = (), stored_runs: Sequence[str] = ()) -> str:
+    """``stored_runs``: one line per run that took part with the per-case scores of an earlier comparison."""
     trainers = [t.trainer for t in ground.trainers]
     runs = ", ".join(run_label(k) for k in ground.run_keys)
     lines = [f"# {title}", "", f"Baseline: `{baseline}`. Runs per trainer: {len(ground.run_keys)} ({runs}); "
              f"{len(ground.cases)} cases, the same for every trainer.", "",
+             *(["Runs that take part with the stored per-case scores of an earlier comparison (their predictions "
+                "were not scored again):", *[f"- {line}" for line in stored_runs], ""] if stored_runs else []),
              "## Per run (the unit of evidence for a method claim)", "",
              "Each run's mean Dice over its cases, paired with the baseline's run of the same fold and seed.", "",
              *run_table(run_rows, baseline), ""]

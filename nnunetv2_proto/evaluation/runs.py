@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -37,9 +38,10 @@ class RunSource:
     folder_trainer: str           # the name the run was trained under
     fold: Optional[int]
     seed: Optional[int]
-    predictions: Path
+    predictions: Path             # for a run from an earlier comparison: that comparison.json
     references: Path
     expected_cases: Optional[Tuple[str, ...]] = None
+    from_earlier_comparison: bool = False
 
     @property
     def key(self) -> RunKey:
@@ -54,6 +56,19 @@ def run_label(key: RunKey) -> str:
     fold, seed = key
     parts = ([] if fold is None else [f"fold {fold}"]) + ([] if seed is None else [f"seed {seed}"])
     return " ".join(parts) or "test set"
+
+
+_RUN_LABEL = re.compile(r"(?:fold (?P<fold>\d+))? ?(?:seed (?P<seed>\d+))?")
+
+
+def parse_run_label(label: str) -> Optional[RunKey]:
+    """The inverse of ``run_label``; None for a label it does not write."""
+    if label == "test set":
+        return None, None
+    match = _RUN_LABEL.fullmatch(label)
+    if not match or not label:
+        return None
+    return tuple(None if match.group(part) is None else int(match.group(part)) for part in ("fold", "seed"))
 
 
 @dataclass
@@ -72,15 +87,18 @@ def _validation_cases(preprocessed: Path, dataset: str, fold: int) -> Optional[T
 
 
 def find_runs(dataset: str, configuration: str, trainers: Sequence[str], plans: str, folds: Sequence[int],
-              seeds: Sequence[int], test_gt: Optional[Path], test_pred_root: Optional[Path]
-              ) -> Tuple[List[RunSource], List[str]]:
-    """Every requested run that exists, and a line for each one that does not."""
+              seeds: Sequence[int], test_gt: Optional[Path], test_pred_root: Optional[Path],
+              provided: Sequence[Tuple[str, RunKey]] = ()) -> Tuple[List[RunSource], List[str]]:
+    """Every requested run that exists, and a line for each one that does not. ``provided``: (trainer, run key)
+    pairs that come from earlier comparisons (``earlier_runs``), so not looked for here."""
     from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
     runs, missing = [], []
     seed_options: List[Optional[int]] = list(seeds) or [None]
     if test_gt is not None:
         for trainer in trainers:
             for seed in seed_options:
+                if (trainer, (None, seed)) in provided:
+                    continue
                 name = trainer if seed is None else seeded_name(trainer, seed)
                 folder = Path(test_pred_root) / name
                 if folder.is_dir() and any(folder.iterdir()):
@@ -97,10 +115,14 @@ def find_runs(dataset: str, configuration: str, trainers: Sequence[str], plans: 
             name = trainer if seed is None else seeded_name(trainer, seed)
             base = folders["nnUNet_results"] / dataset / convert_trainer_plans_config_to_identifier(
                 name, plans, configuration)
+            if all((trainer, (fold, seed)) in provided for fold in folds):
+                continue
             if not base.is_dir():
                 missing.append(f"{name}: no results folder {base}")
                 continue
             for fold in folds:
+                if (trainer, (fold, seed)) in provided:
+                    continue
                 validation = base / f"fold_{fold}" / "validation"
                 if (validation / "summary.json").is_file():
                     runs.append(RunSource(trainer, name, fold, seed, validation, references,
@@ -108,6 +130,60 @@ def find_runs(dataset: str, configuration: str, trainers: Sequence[str], plans: 
                 else:
                     missing.append(f"{name}: fold {fold} has no finished validation ({validation})")
     return runs, missing
+
+
+def _read_earlier_comparison(path: Path) -> dict:
+    not_one = SetupError(f"{path} is not a comparison.json written by nnunetv2-proto compare",
+                         "pass the comparison.json of an earlier compare --out folder")
+    try:
+        content = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise SetupError(f"--earlier {path} does not exist", "pass the comparison.json of an earlier compare") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise not_one from None
+    if not isinstance(content, dict) or not {"dataset", "configuration", "runs", "per_case"} <= set(content):
+        raise not_one
+    return content
+
+
+def earlier_runs(files: Sequence[Path], dataset: str, configuration: str, trainers: Sequence[str],
+                 folds: Sequence[int], seeds: Sequence[int], test_set: bool) -> Tuple[List[RunScores], List[dict]]:
+    """Runs known only from the per-case scores of earlier comparisons, e.g. a run whose predictions were lost
+    with a machine. Each file must hold exactly one run (a comparison of several runs stores pooled per-case
+    scores, not one run's). Returns the runs of the requested trainers and those runs' training-curve rows.
+    """
+    scored: List[RunScores] = []
+    curve_rows: List[dict] = []
+    seen: Dict[Tuple[str, RunKey], Path] = {}
+    for path in files:
+        content = _read_earlier_comparison(path)
+        if (content["dataset"], content["configuration"]) != (dataset, configuration):
+            raise SetupError(f"--earlier {path} compares {content['dataset']} {content['configuration']}, "
+                             f"not {dataset} {configuration}", "pass comparisons of the same dataset and configuration")
+        if len(content["runs"]) != 1:
+            raise SetupError(f"--earlier {path} pools {len(content['runs'])} runs per trainer, so its per-case "
+                             "scores are not one run's", "pass a comparison that held one run (one fold, one seed)")
+        key = parse_run_label(content["runs"][0])
+        requested = (key == (None, None)) if test_set else (
+            key is not None and key[0] in folds and (key[1] in seeds if seeds else key[1] is None))
+        if not requested:
+            raise SetupError(f"--earlier {path} holds the run '{content['runs'][0]}', which is not among the "
+                             "requested ones", "match -f / --seeds (or --test-gt) to the earlier run, or drop it")
+        held = [t for t in trainers if t in content["per_case"]]
+        if not held:
+            raise SetupError(f"--earlier {path} has none of the trainers {list(trainers)} "
+                             f"(it has {sorted(content['per_case'])})", "add its trainer to -tr, or drop the file")
+        for trainer in held:
+            if (trainer, key) in seen:
+                raise SetupError(f"{trainer} {content['runs'][0]} is in both {seen[trainer, key]} and {path}",
+                                 "pass each run once")
+            seen[trainer, key] = path
+            source = RunSource(trainer, trainer if key[1] is None else seeded_name(trainer, key[1]), key[0], key[1],
+                               Path(path), Path(path), from_earlier_comparison=True)
+            scored.append(RunScores(source, {metric: {structure: dict(cases) for structure, cases in by_structure.items()}
+                                             for metric, by_structure in content["per_case"][trainer].items()}))
+            curve_rows += [row for row in content.get("training_curves", []) if row.get("trainer") == trainer]
+    return scored, curve_rows
 
 
 def _file_stamps(folder: Path, file_ending: str, names: Optional[set] = None) -> List[Tuple[str, int, int]]:
