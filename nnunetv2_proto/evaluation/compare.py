@@ -97,9 +97,11 @@ def compare(dataset: str, configuration: str, trainers: Sequence[str], plans: st
     where = "test set" if test_gt else f"folds {list(folds)}" + (f", seeds {list(seeds)}" if seeds else "")
     title = f"{dataset_name}, {configuration}, {where}"
     curves, without_log = _training_curves(runs, ground)
-    compared = {(t.trainer, run_label(key)) for t in ground.trainers for key in ground.run_keys}
-    training_rows = [*curve_rows(curves), *(row for row in stored_curves if (row["trainer"], row["run"]) in compared)]
-    stored_compared = [run.source for run in stored if (run.source.trainer, run.source.label) in compared]
+    compared_runs = [(t.trainer, run_label(key)) for t in ground.trainers for key in ground.run_keys]
+    order = {run: index for index, run in enumerate(compared_runs)}
+    training_rows = sorted([*curve_rows(curves), *(row for row in stored_curves if (row["trainer"], row["run"]) in order)],
+                           key=lambda row: order[row["trainer"], row["run"]])
+    stored_compared = [run.source for run in stored if (run.source.trainer, run.source.label) in order]
     stored_lines = [f"`{source.trainer}` {source.label}: {source.predictions}" for source in stored_compared]
     (out / "comparison.md").write_text(markdown_report(case_rows, run_rows, ground, structures, baseline, title,
                                                        missing, curve_report(training_rows, baseline, without_log),
