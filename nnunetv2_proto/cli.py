@@ -190,8 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-missing", action="store_true",
                    help="compare the runs and predicted cases that exist; list the rest as missing")
     p.add_argument("--earlier", nargs="+", default=[], metavar="COMPARISON_JSON",
-                   help="one-run comparisons (their comparison.json) whose stored per-case scores stand in for runs "
-                        "whose predictions are gone")
+                   help="earlier comparisons (their comparison.json) whose stored per-run scores stand in for the "
+                        "requested runs they hold, e.g. runs whose predictions are gone")
     p.add_argument("-np", type=int, default=2, help="processes for evaluation")
     p.set_defaults(func=_cmd_compare)
 

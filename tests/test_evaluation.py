@@ -247,8 +247,18 @@ def test_a_run_known_only_from_an_earlier_comparison_counts_as_that_run(tmp_path
     # what cannot stand in for a run is refused with the reason
     with pytest.raises(SetupError, match="not among the requested"):
         compared("other_seeds", seeds=[2, 3], earlier=[earlier])
+    # a comparison of several seeds stores each run's scores: any of its runs can stand in, here all six
+    from_pooled, _ = compared("from_pooled", seeds=[1, 2, 3], earlier=[tmp_path / "all" / "comparison.json"])
+    for key in ("runs", "run_statistics", "statistics", "per_case", "per_run"):
+        assert from_pooled[key] == everything[key], key
+    assert len(from_pooled["earlier_runs"]) == 6
+    only_seed3, _ = compared("only_seed3", seeds=[3], earlier=[tmp_path / "all" / "comparison.json"])
+    assert only_seed3["per_run"]["worseTrainer"] == {"fold 0 seed 3": everything["per_run"]["worseTrainer"]["fold 0 seed 3"]}
+    # one written before per-run scores were stored holds only the pooled means: refused
+    older = {k: v for k, v in everything.items() if k != "per_run"}
+    (tmp_path / "older.json").write_text(json.dumps(older))
     with pytest.raises(SetupError, match="pools 3 runs"):
-        compared("pooled", seeds=[2, 3], earlier=[tmp_path / "all" / "comparison.json"])
+        compared("pooled", seeds=[2, 3], earlier=[tmp_path / "older.json"])
     with pytest.raises(SetupError, match="in both"):
         compared("twice", seeds=[1, 2, 3], earlier=[earlier, earlier])
     (tmp_path / "not_json").write_text("{")

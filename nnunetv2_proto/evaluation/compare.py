@@ -48,7 +48,7 @@ def compare(dataset: str, configuration: str, trainers: Sequence[str], plans: st
     ``seeds``: compare the runs ``<trainer>_seed<N>`` for each N (every trainer, every fold).
     ``dataset_json`` names the structures (and regions / ignore label); by default the
     preprocessed dataset's for cross-validation, the raw dataset's (if found) for a test set.
-    ``earlier``: comparison.json files of earlier one-run comparisons whose runs take part with their stored
+    ``earlier``: comparison.json files of earlier comparisons whose requested runs take part with their stored
     per-case scores (a run whose predictions are gone); they count as the runs they were, paired by fold and seed.
     """
     if (test_gt is None) != (test_pred_root is None):
@@ -117,7 +117,13 @@ def compare(dataset: str, configuration: str, trainers: Sequence[str], plans: st
         "training_curves": training_rows, "statistics": case_rows,
         "per_case": {t.trainer: {m: {s: dict(zip(ground.cases, t.per_case(m, s, ground.cases).tolist()))
                                      for s in [*structures, MEAN]} for m in METRICS}
-                     for t in ground.trainers}})
+                     for t in ground.trainers},
+        # each run's own per-case scores, so that a later compare --earlier can stand in any one of them
+        "per_run": {t.trainer: {run_label(key): {m: {s: {c: run.values[m][s][c] for c in ground.cases
+                                                         if c in run.values[m][s]}
+                                                     for s in [*structures, MEAN]} for m in METRICS}
+                                for key, run in t.runs.items()}
+                    for t in ground.trainers}})
     plot_comparison(ground, run_rows, structures, baseline, out)
     if curves:
         plot_training_curves(curves, {t: short_name(t) for t in curves}, out / "comparison_curves.png")

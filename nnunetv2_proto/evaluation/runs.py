@@ -149,40 +149,51 @@ def _read_earlier_comparison(path: Path) -> dict:
 def earlier_runs(files: Sequence[Path], dataset: str, configuration: str, trainers: Sequence[str],
                  folds: Sequence[int], seeds: Sequence[int], test_set: bool) -> Tuple[List[RunScores], List[dict]]:
     """Runs known only from the per-case scores of earlier comparisons, e.g. a run whose predictions were lost
-    with a machine. Each file must hold exactly one run (a comparison of several runs stores pooled per-case
-    scores, not one run's). Returns the runs of the requested trainers and those runs' training-curve rows.
+    with a machine. A file's runs come from its per-run scores (``per_run``, written since compare stores them),
+    so one comparison of several seeds can stand in for any of them; a file without them counts only if it held
+    one run (its pooled ``per_case`` is then that run's). Returns the requested runs and their training-curve rows.
     """
     scored: List[RunScores] = []
     curve_rows: List[dict] = []
     seen: Dict[Tuple[str, RunKey], Path] = {}
+
+    def requested(key: Optional[RunKey]) -> bool:
+        if test_set:
+            return key == (None, None)
+        return key is not None and key[0] in folds and (key[1] in seeds if seeds else key[1] is None)
+
     for path in files:
         content = _read_earlier_comparison(path)
         if (content["dataset"], content["configuration"]) != (dataset, configuration):
             raise SetupError(f"--earlier {path} compares {content['dataset']} {content['configuration']}, "
                              f"not {dataset} {configuration}", "pass comparisons of the same dataset and configuration")
-        if len(content["runs"]) != 1:
-            raise SetupError(f"--earlier {path} pools {len(content['runs'])} runs per trainer, so its per-case "
-                             "scores are not one run's", "pass a comparison that held one run (one fold, one seed)")
-        key = parse_run_label(content["runs"][0])
-        requested = (key == (None, None)) if test_set else (
-            key is not None and key[0] in folds and (key[1] in seeds if seeds else key[1] is None))
-        if not requested:
-            raise SetupError(f"--earlier {path} holds the run '{content['runs'][0]}', which is not among the "
-                             "requested ones", "match -f / --seeds (or --test-gt) to the earlier run, or drop it")
-        held = [t for t in trainers if t in content["per_case"]]
+        per_run = content.get("per_run")
+        if per_run is None:
+            if len(content["runs"]) != 1:
+                raise SetupError(f"--earlier {path} pools {len(content['runs'])} runs per trainer and was written "
+                                 "before compare stored per-run scores, so its per-case scores are not one run's",
+                                 "pass a comparison that held one run (one fold, one seed), or compare again")
+            per_run = {trainer: {content["runs"][0]: by_metric} for trainer, by_metric in content["per_case"].items()}
+        held = [t for t in trainers if t in per_run]
         if not held:
             raise SetupError(f"--earlier {path} has none of the trainers {list(trainers)} "
-                             f"(it has {sorted(content['per_case'])})", "add its trainer to -tr, or drop the file")
-        for trainer in held:
+                             f"(it has {sorted(per_run)})", "add its trainer to -tr, or drop the file")
+        taken = [(trainer, label) for trainer in held for label in per_run[trainer]
+                 if requested(parse_run_label(label))]
+        if not taken:
+            raise SetupError(f"--earlier {path} holds the runs {list(content['runs'])}, not among the "
+                             "requested ones", "match -f / --seeds (or --test-gt) to the earlier runs, or drop it")
+        for trainer, label in taken:
+            key = parse_run_label(label)
             if (trainer, key) in seen:
-                raise SetupError(f"{trainer} {content['runs'][0]} is in both {seen[trainer, key]} and {path}",
-                                 "pass each run once")
+                raise SetupError(f"{trainer} {label} is in both {seen[trainer, key]} and {path}", "pass each run once")
             seen[trainer, key] = path
             source = RunSource(trainer, trainer if key[1] is None else seeded_name(trainer, key[1]), key[0], key[1],
                                Path(path), Path(path), from_earlier_comparison=True)
             scored.append(RunScores(source, {metric: {structure: dict(cases) for structure, cases in by_structure.items()}
-                                             for metric, by_structure in content["per_case"][trainer].items()}))
-            curve_rows += [row for row in content.get("training_curves", []) if row.get("trainer") == trainer]
+                                             for metric, by_structure in per_run[trainer][label].items()}))
+            curve_rows += [row for row in content.get("training_curves", [])
+                           if row.get("trainer") == trainer and row.get("run", label) == label]
     return scored, curve_rows
 
 
