@@ -88,6 +88,28 @@ def test_every_two_stage_trainer_names_a_source_that_exists_with_the_same_budget
             assert name.endswith(suffix) == cls.source_trainer.endswith(suffix), name
 
 
+def test_every_two_stage_budget_run_has_a_baseline_for_both_stages_steps():
+    """The fair baseline of ``<X>_from<Source>_cpuBudget[Long]`` is ``<Source>Double``: the source's family trained
+    for the source run's steps plus the two-stage run's own."""
+    from nnunetv2_proto.doctor import project_trainers
+    from nnunetv2_proto.training.initial_weights import StartFromTrainedModelMixin
+
+    def steps(cls) -> int:
+        return cls.budget_epochs * cls.budget_iterations_per_epoch
+
+    trainers = project_trainers()
+    two_stage = {n: c for n, c in trainers.items()
+                 if issubclass(c, StartFromTrainedModelMixin) and n.endswith(("_cpuBudget", "_cpuBudgetLong"))}
+    assert {"nnUNetTrainerBCP_8labeled_fromLabeled_cpuBudget", "nnUNetTrainerMPER_fromVanilla_cpuBudgetLong"} <= set(two_stage)
+    for name, cls in two_stage.items():
+        source = trainers[cls.source_trainer]
+        baseline = trainers.get(cls.source_trainer + "Double")
+        assert baseline is not None, f"{name}: no {cls.source_trainer}Double"
+        assert steps(baseline) == steps(source) + steps(cls), name
+        family = source.__bases__[-1]  # the trainer the source's budget mixin was put on
+        assert family in baseline.__mro__, name  # the same family (labelled subset included), only longer
+
+
 def test_plan_cpu_errors_name_the_problem_and_the_fix(nnunet_env, capsys):
     assert main(["plan-cpu", "-d", "777"]) == 2
     assert "no dataset with id 777" in capsys.readouterr().err

@@ -8,7 +8,8 @@ fold_X/labeled_split.json); ``_labeledList`` reads nnUNet_preprocessed/<dataset>
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_proto.semi.labeled_subset import LABELED_LIST_FILE
-from nnunetv2_proto.training.budgets import CpuBudgetLongMixin, CpuBudgetMixin
+from nnunetv2_proto.training.budgets import (CpuBudgetDoubleMixin, CpuBudgetLongDoubleMixin, CpuBudgetLongMixin,
+                                             CpuBudgetMixin)
 from nnunetv2_proto.training.semi_supervised import LabeledSubsetMixin
 
 
@@ -46,3 +47,16 @@ class nnUNetTrainer_labeledList_cpuBudget(CpuBudgetMixin, nnUNetTrainer_labeledL
 
 class nnUNetTrainer_labeledList_cpuBudgetLong(CpuBudgetLongMixin, nnUNetTrainer_labeledList):
     """The ACDC labelled-patient baseline (and the two-stage source) at the long CPU budget."""
+
+
+class nnUNetTrainer_8labeled_cpuBudgetDouble(CpuBudgetDoubleMixin, nnUNetTrainer_8labeled):
+    """The labelled-only baseline of the two-stage ``..._8labeled_fromLabeled_cpuBudget`` runs: their source
+    (``nnUNetTrainer_8labeled_cpuBudget``) and their self-training together take these 400 steps."""
+
+
+class nnUNetTrainer_labeledList_cpuBudgetDouble(CpuBudgetDoubleMixin, nnUNetTrainer_labeledList):
+    """The same for ``..._labeledList_fromLabeled_cpuBudget``."""
+
+
+class nnUNetTrainer_labeledList_cpuBudgetLongDouble(CpuBudgetLongDoubleMixin, nnUNetTrainer_labeledList):
+    """The same for ``..._labeledList_fromLabeled_cpuBudgetLong`` (2000 steps)."""

@@ -7,6 +7,10 @@ variants. ``<Trainer>_cpuBudgetLong`` variants give five times as many steps for
 where 200 steps do not get vanilla nnU-Net off the all-background solution (2D ACDC at batch
 7 is one: its pseudo-Dice is still about 0.02 after 200 steps), and ``_cpuBudgetXL`` variants
 three times that again (2D ACDC at 1000 steps still misses the right ventricle in some seeds).
+``_cpuBudgetDouble`` / ``_cpuBudgetLongDouble`` variants train twice ``_cpuBudget`` /
+``_cpuBudgetLong``: they are the baselines of the two-stage (``_from...``) trainers, whose source run
+and own run each take one budget, so the fair baseline of ``<X>_from<Source>_cpuBudget`` is
+``<Source>_cpuBudgetDouble``.
 The mixin also times the training phase of each epoch (iterations only, not validation) and
 writes ``training_timing.json`` next to the checkpoints, which is where the demo's and
 benchmarks' seconds-per-iteration figures come from.
@@ -95,6 +99,19 @@ class CpuBudgetXLMixin(CpuBudgetMixin):
     where vanilla nnU-Net at 1000 steps still leaves a structure unlearnt in some seeds."""
 
     budget_epochs = XL_CPU_BUDGET_EPOCHS
+    budget_iterations_per_epoch = LONG_CPU_BUDGET_ITERATIONS_PER_EPOCH
+
+
+class CpuBudgetDoubleMixin(CpuBudgetMixin):
+    """Source + own steps of a two-stage run at ``_cpuBudget`` (400): ``class X_cpuBudgetDouble(CpuBudgetDoubleMixin, X)``."""
+
+    budget_epochs = 2 * CPU_BUDGET_EPOCHS
+
+
+class CpuBudgetLongDoubleMixin(CpuBudgetMixin):
+    """Source + own steps of a two-stage run at ``_cpuBudgetLong`` (2000)."""
+
+    budget_epochs = 2 * LONG_CPU_BUDGET_EPOCHS
     budget_iterations_per_epoch = LONG_CPU_BUDGET_ITERATIONS_PER_EPOCH
 
 
