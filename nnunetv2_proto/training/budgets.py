@@ -108,11 +108,10 @@ class CpuBudgetDoubleMixin(CpuBudgetMixin):
     budget_epochs = 2 * CPU_BUDGET_EPOCHS
 
 
-class CpuBudgetLongDoubleMixin(CpuBudgetMixin):
+class CpuBudgetLongDoubleMixin(CpuBudgetLongMixin):
     """Source + own steps of a two-stage run at ``_cpuBudgetLong`` (2000)."""
 
     budget_epochs = 2 * LONG_CPU_BUDGET_EPOCHS
-    budget_iterations_per_epoch = LONG_CPU_BUDGET_ITERATIONS_PER_EPOCH
 
 
 class SemiSupervisedCpuBudgetMixin(CpuBudgetMixin):
