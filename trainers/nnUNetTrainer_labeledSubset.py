@@ -10,6 +10,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2_proto.semi.labeled_subset import LABELED_LIST_FILE
 from nnunetv2_proto.training.budgets import (CpuBudgetDoubleMixin, CpuBudgetLongDoubleMixin, CpuBudgetLongMixin,
                                              CpuBudgetMixin)
+from nnunetv2_proto.training.initial_weights import StartFromTrainedModelMixin
 from nnunetv2_proto.training.semi_supervised import LabeledSubsetMixin
 
 
@@ -60,3 +61,27 @@ class nnUNetTrainer_labeledList_cpuBudgetDouble(CpuBudgetDoubleMixin, nnUNetTrai
 
 class nnUNetTrainer_labeledList_cpuBudgetLongDouble(CpuBudgetLongDoubleMixin, nnUNetTrainer_labeledList):
     """The same for ``..._labeledList_fromLabeled_cpuBudgetLong`` (2000 steps)."""
+
+
+# The restart control of the two-stage protocol: the second stage of a ``..._fromLabeled`` run without the
+# unlabelled cases (same source, fresh optimiser and learning-rate schedule, same steps). The difference
+# between a semi-supervised two-stage run and this one is what the unlabelled data did; the difference
+# between this one and ``<Source>Double`` is what restarting the schedule did.
+class nnUNetTrainer_8labeled_fromLabeled(StartFromTrainedModelMixin, nnUNetTrainer_8labeled):
+    source_trainer = "nnUNetTrainer_8labeled"
+
+
+class nnUNetTrainer_8labeled_fromLabeled_cpuBudget(CpuBudgetMixin, nnUNetTrainer_8labeled_fromLabeled):
+    source_trainer = "nnUNetTrainer_8labeled_cpuBudget"
+
+
+class nnUNetTrainer_labeledList_fromLabeled(StartFromTrainedModelMixin, nnUNetTrainer_labeledList):
+    source_trainer = "nnUNetTrainer_labeledList"
+
+
+class nnUNetTrainer_labeledList_fromLabeled_cpuBudget(CpuBudgetMixin, nnUNetTrainer_labeledList_fromLabeled):
+    source_trainer = "nnUNetTrainer_labeledList_cpuBudget"
+
+
+class nnUNetTrainer_labeledList_fromLabeled_cpuBudgetLong(CpuBudgetLongMixin, nnUNetTrainer_labeledList_fromLabeled):
+    source_trainer = "nnUNetTrainer_labeledList_cpuBudgetLong"
