@@ -64,6 +64,11 @@ class nnUNetTrainerBCP_8labeled_fromLabeled_cpuBudget(CpuBudgetMixin, nnUNetTrai
     source_trainer = "nnUNetTrainer_8labeled_cpuBudget"
 
 
+class nnUNetTrainerBCP_8labeled_fromLabeled_cpuBudgetLong(CpuBudgetLongMixin, nnUNetTrainerBCP_8labeled_fromLabeled):
+    """The two-stage run from a labelled-only source whose curve has levelled off (1000 + 1000 steps)."""
+    source_trainer = "nnUNetTrainer_8labeled_cpuBudgetLong"
+
+
 class nnUNetTrainerBCP_labeledList_fromLabeled(StartFromTrainedModelMixin, nnUNetTrainerBCP_labeledList):
     """The two-stage recipe for patient-counted protocols (ACDC): starts from ``nnUNetTrainer_labeledList``."""
     source_trainer = "nnUNetTrainer_labeledList"

@@ -66,6 +66,11 @@ class nnUNetTrainerMPERSemi_8labeled_fromLabeled_cpuBudget(CpuBudgetMixin, nnUNe
     source_trainer = "nnUNetTrainer_8labeled_cpuBudget"
 
 
+class nnUNetTrainerMPERSemi_8labeled_fromLabeled_cpuBudgetLong(CpuBudgetLongMixin,
+                                                                nnUNetTrainerMPERSemi_8labeled_fromLabeled):
+    source_trainer = "nnUNetTrainer_8labeled_cpuBudgetLong"
+
+
 class nnUNetTrainerMPERSemi_labeledList_fromLabeled(StartFromTrainedModelMixin, nnUNetTrainerMPERSemi_labeledList):
     """The two-stage recipe for patient-counted protocols (ACDC): starts from ``nnUNetTrainer_labeledList``."""
     source_trainer = "nnUNetTrainer_labeledList"

@@ -42,6 +42,11 @@ class nnUNetTrainer_8labeled_cpuBudget(CpuBudgetMixin, nnUNetTrainer_8labeled):
     pass
 
 
+class nnUNetTrainer_8labeled_cpuBudgetLong(CpuBudgetLongMixin, nnUNetTrainer_8labeled):
+    """The LA labelled-only baseline (and two-stage source) at the long CPU budget, where 200 steps are
+    far from the labelled-only plateau."""
+
+
 class nnUNetTrainer_labeledList_cpuBudget(CpuBudgetMixin, nnUNetTrainer_labeledList):
     pass
 
@@ -53,6 +58,10 @@ class nnUNetTrainer_labeledList_cpuBudgetLong(CpuBudgetLongMixin, nnUNetTrainer_
 class nnUNetTrainer_8labeled_cpuBudgetDouble(CpuBudgetDoubleMixin, nnUNetTrainer_8labeled):
     """The labelled-only baseline of the two-stage ``..._8labeled_fromLabeled_cpuBudget`` runs: their source
     (``nnUNetTrainer_8labeled_cpuBudget``) and their self-training together take these 400 steps."""
+
+
+class nnUNetTrainer_8labeled_cpuBudgetLongDouble(CpuBudgetLongDoubleMixin, nnUNetTrainer_8labeled):
+    """The same for ``..._8labeled_fromLabeled_cpuBudgetLong`` (2000 steps)."""
 
 
 class nnUNetTrainer_labeledList_cpuBudgetDouble(CpuBudgetDoubleMixin, nnUNetTrainer_labeledList):
@@ -73,6 +82,10 @@ class nnUNetTrainer_8labeled_fromLabeled(StartFromTrainedModelMixin, nnUNetTrain
 
 class nnUNetTrainer_8labeled_fromLabeled_cpuBudget(CpuBudgetMixin, nnUNetTrainer_8labeled_fromLabeled):
     source_trainer = "nnUNetTrainer_8labeled_cpuBudget"
+
+
+class nnUNetTrainer_8labeled_fromLabeled_cpuBudgetLong(CpuBudgetLongMixin, nnUNetTrainer_8labeled_fromLabeled):
+    source_trainer = "nnUNetTrainer_8labeled_cpuBudgetLong"
 
 
 class nnUNetTrainer_labeledList_fromLabeled(StartFromTrainedModelMixin, nnUNetTrainer_labeledList):
