@@ -102,7 +102,7 @@ def test_every_two_stage_budget_run_has_a_baseline_for_both_stages_steps():
                  if issubclass(c, StartFromTrainedModelMixin) and n.endswith(("_cpuBudget", "_cpuBudgetLong"))}
     assert {"nnUNetTrainerBCP_8labeled_fromLabeled_cpuBudget", "nnUNetTrainerMPER_fromVanilla_cpuBudgetLong",
             "nnUNetTrainer_8labeled_fromLabeled_cpuBudget", "nnUNetTrainerBCP_8labeled_fromLabeled_cpuBudgetLong",
-            "nnUNetTrainerMPERSemi_8labeled_fromLabeled_cpuBudgetLong"} <= set(two_stage)  # the last: the restart control
+            "nnUNetTrainerMPERSemi_8labeled_fromLabeled_cpuBudgetLong"} <= set(two_stage)  # third: the restart control
     for name, cls in two_stage.items():
         source = trainers[cls.source_trainer]
         baseline = trainers.get(cls.source_trainer + "Double")
