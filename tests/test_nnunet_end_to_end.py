@@ -410,6 +410,16 @@ def test_sipl_training_log_shows_its_diagnostics_every_epoch(workspace):
                for line in lines)
 
 
+def test_mper_training_log_gives_its_prototype_slots_back(workspace):
+    """The per-epoch slot line of a real MPER run reads back as counts for every (class, prototype) slot
+    (benchmarks/prototype_slots.py plots them)."""
+    from nnunetv2_proto.evaluation.prototype_slots import read_slot_history
+    history = read_slot_history(output_folder(workspace["env"], "nnUNetTrainerMPER_testBudget"))
+    assert history is not None and history.epochs.tolist() == [1, 2]  # one warm-up epoch, then prototypes
+    assert history.counts.shape == (2, 4, 3) and history.counts.sum() > 0  # 4 classes x 3 prototypes
+    assert ((history.moved >= 0) & (history.moved <= 2)).all()
+
+
 def in_process_trainer(workspace, monkeypatch, name: str, fold: int = 2):
     for key, value in workspace["env"].items():
         monkeypatch.setenv(key, value)

@@ -23,6 +23,7 @@ from typing import Any, Dict
 import torch
 
 from nnunetv2_proto.blockwise_losses import blockwise_dice_ce
+from nnunetv2_proto.evaluation.prototype_slots import format_slot_line
 from nnunetv2_proto.heads.multi_prototype import ClassEmbeddingSampler
 from nnunetv2_proto.losses import FullResolutionTarget, MPERLossWeights, MPERObjective, VoxelTarget
 from nnunetv2_proto.networks.mper import MPERConfig
@@ -148,14 +149,9 @@ class nnUNetTrainerMPER(PhasedTrainerMixin, PrototypeTrainerBase):
             return
         classifier = self.core_network.classifier
         moved = 1 - (classifier.prototypes * self._epoch_start_prototypes).sum(-1)  # cosine distance, (K, M)
-        counts = self._epoch_update_counts[0]
-        stale = int((counts == 0).sum())
-        pseudo = (f"; of them from pseudo labels {self._epoch_update_counts[1].long().tolist()}"
-                  if len(self._epoch_update_counts) > 1 else "")
-        self.print_to_log_file(
-            f"MPER prototypes: voxels that moved each (class, prototype) slot {counts.long().tolist()}{pseudo}; "
-            f"cosine distance moved {[[round(float(d), 4) for d in row] for row in moved]}; "
-            f"{stale} slot(s) not updated this epoch")
+        counts = self._epoch_update_counts
+        self.print_to_log_file(format_slot_line(counts[0].tolist(), moved.tolist(),
+                                                counts[1].tolist() if len(counts) > 1 else None))
 
     def enter_steady_state(self) -> None:
         super().enter_steady_state()
