@@ -16,15 +16,16 @@ from typing import Dict
 
 from nnunetv2_proto.evaluation.prototype_slots import SlotHistory, plot_slot_shares, read_slot_history, slot_table
 from nnunetv2_proto.evaluation.report import short_name
+from nnunetv2_proto.evaluation.runs import run_label
 from nnunetv2_proto.training.seeding import split_seeded_name
 
 
-def run_label(fold_folder: Path) -> str:
-    """.../nnUNetTrainerMPER_cpuBudgetXL_seed2__nnUNetPlans__2d_cpu/fold_0 -> 'MPER_cpuBudgetXL seed 2 fold 0'."""
+def run_name(fold_folder: Path) -> str:
+    """.../nnUNetTrainerMPER_cpuBudgetXL_seed2__nnUNetPlans__2d_cpu/fold_0 -> 'MPER_cpuBudgetXL fold 0 seed 2',
+    the run labels of ``compare``'s reports."""
     trainer = fold_folder.parent.name.split("__")[0]
-    seeded = split_seeded_name(trainer)
-    name = f"{short_name(seeded[0])} seed {seeded[1]}" if seeded else short_name(trainer)
-    return f"{name} {fold_folder.name.replace('_', ' ')}"
+    base, seed = split_seeded_name(trainer) or (trainer, None)
+    return f"{short_name(base)} {run_label((int(fold_folder.name.split('_')[-1]), seed))}"
 
 
 def main() -> None:
@@ -40,14 +41,14 @@ def main() -> None:
         if history is None:
             raise SystemExit(f"{folder}: no MPER prototype lines in its training_log_*.txt; is it an MPER run "
                              "that reached its prototype phase?")
-        histories[run_label(folder)] = history
+        histories[run_name(folder)] = history
     num_classes = {h.counts.shape[1] for h in histories.values()}
     if len(num_classes) != 1:
         raise SystemExit(f"the runs have different numbers of classes {sorted(num_classes)}; compare one dataset at a time")
-    names = args.classes or [f"class {k}" for k in range(num_classes.pop())]
-    if len(names) != next(iter(histories.values())).counts.shape[1]:
-        raise SystemExit(f"--classes names {len(names)} classes, the runs have "
-                         f"{next(iter(histories.values())).counts.shape[1]}")
+    (num_classes,) = num_classes
+    names = args.classes or [f"class {k}" for k in range(num_classes)]
+    if len(names) != num_classes:
+        raise SystemExit(f"--classes names {len(names)} classes, the runs have {num_classes}")
     print("\n".join(slot_table(histories, names)))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     print(f"written: {plot_slot_shares(histories, names, args.out)}")

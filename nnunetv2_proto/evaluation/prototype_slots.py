@@ -93,10 +93,10 @@ def slot_table(histories: Dict[str, SlotHistory], class_names: Sequence[str]) ->
     lines = ["| run | class | shares, first prototype epoch | shares, last epoch | empty at the end (since epoch) |",
              "|---|---|---|---|---|"]
     for run, history in histories.items():
-        since = history.empty_since()
+        since, shares = history.empty_since(), history.shares
         for k, name in enumerate(class_names):
-            first = " / ".join(f"{s:.2f}" for s in history.shares[0, k])
-            last = " / ".join(f"{s:.2f}" for s in history.shares[-1, k])
+            first = " / ".join(f"{s:.2f}" for s in shares[0, k])
+            last = " / ".join(f"{s:.2f}" for s in shares[-1, k])
             empty = [f"{m + 1} ({since[k, m]})" for m in range(since.shape[1]) if since[k, m] >= 0]
             lines.append(f"| {run} | {name} | {first} (epoch {history.epochs[0]}) | {last} (epoch {history.epochs[-1]}) "
                          f"| {', '.join(empty) if empty else 'none'} |")
@@ -112,10 +112,11 @@ def plot_slot_shares(histories: Dict[str, SlotHistory], class_names: Sequence[st
     fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.0 * rows + 0.4), squeeze=False,
                              sharex=True, sharey=True)
     for row, (run, history) in enumerate(histories.items()):
+        shares = history.shares
         for k, name in enumerate(class_names):
             ax = axes[row, k]
-            ax.stackplot(history.epochs, history.shares[:, k].T, labels=[f"prototype {m + 1}" for m in
-                                                                         range(history.shares.shape[2])], alpha=0.85)
+            ax.stackplot(history.epochs, shares[:, k].T, labels=[f"prototype {m + 1}" for m in range(shares.shape[2])],
+                         alpha=0.85)
             ax.set_ylim(0, 1)
             ax.grid(alpha=0.3)
             if row == 0:
