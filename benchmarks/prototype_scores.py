@@ -52,7 +52,7 @@ def main() -> None:
     def step() -> None:
         scores = classifier.scores(features, labels)
         (scores.logits.mean() + scores.contrast.mean() + scores.distance.mean()).backward()
-        classifier.ema_update(features, labels, valid, scores.nearest, scores.correct)
+        classifier.ema_update(features, labels, valid, scores.assigned, scores.correct)
 
     default_block_bytes = voxel_blocks.CPU_BLOCK_BYTES
     variants = {"blocked": default_block_bytes, "one block": WHOLE_BATCH}

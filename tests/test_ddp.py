@@ -110,7 +110,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         loss.backward()
         if prototype_phase:
             core.classifier.ema_update(aux.features, labels, torch.ones_like(labels, dtype=torch.bool),
-                                       scores.nearest, scores.correct)
+                                       scores.assigned, scores.correct)
         else:
             core.classifier.initialize_classes([aux.features.detach().movedim(1, -1)[labels == k] for k in range(3)])
 

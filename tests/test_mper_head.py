@@ -7,7 +7,9 @@ from torch.nn import functional as F
 
 from conftest import small_unet
 from nnunetv2_proto import voxel_blocks
-from nnunetv2_proto.heads.multi_prototype import ClassEmbeddingSampler, MultiPrototypeClassifier, kmeans_centres
+from nnunetv2_proto.environment import SetupError
+from nnunetv2_proto.heads.multi_prototype import (ClassEmbeddingSampler, MultiPrototypeClassifier, SlotBalance,
+                                                 balanced_slot_offsets, kmeans_centres)
 from nnunetv2_proto.label_layout import LabelLayout
 from nnunetv2_proto.losses import FullResolutionTarget, MPERObjective
 from nnunetv2_proto.networks import MPERConfig, MPERNetwork
@@ -58,17 +60,19 @@ def test_vectorised_ema_update_equals_a_naive_loop():
     assert torch.equal(counts, expected_counts) and counts.sum() > 0
 
 
-def composed_scores(features, prototypes, labels, unseen, temperature):
-    """The definitions, with autograd through every (B, K, M, *s) tensor: what the fused function must equal."""
+def composed_scores(features, prototypes, labels, unseen, temperature, assigned=None):
+    """The definitions, with autograd through every (B, K, M, *s) tensor: what the fused function must equal.
+    ``assigned``: the own-class prototype each voxel targets; None: its nearest."""
     k, m, _ = prototypes.shape
     similarities = torch.einsum("bc...,kmc->bkm...", F.normalize(features, dim=1), prototypes)
     logits = (similarities.max(2).values / temperature).masked_fill(
         unseen.view(1, k, *([1] * (features.ndim - 2))), -1 / temperature)
     own = similarities.gather(1, labels[:, None, None].expand(-1, 1, m, *labels.shape[1:])).squeeze(1)
-    nearest = own.detach().max(1).indices
-    contrast = F.cross_entropy(similarities.flatten(1, 2) / temperature, labels * m + nearest, reduction="none")
-    distance = (1 - own.amax(1)) ** 2
-    return logits, contrast, distance, nearest
+    if assigned is None:
+        assigned = own.detach().max(1).indices
+    contrast = F.cross_entropy(similarities.flatten(1, 2) / temperature, labels * m + assigned, reduction="none")
+    distance = (1 - own.gather(1, assigned.unsqueeze(1)).squeeze(1)) ** 2
+    return logits, contrast, distance, assigned
 
 
 @pytest.mark.parametrize("shape,temperature,blocks", [
@@ -100,6 +104,82 @@ def test_fused_scores_equal_the_composed_definitions_in_value_and_gradient(shape
     assert torch.autograd.gradcheck(lambda f: classifier.scores(f, labels)[:3], (features,), fast_mode=True)
 
 
+def own_class_cosine(features, prototypes, labels):
+    """(B * N, M) cosine of each voxel to its own class's prototypes, the definition."""
+    m = prototypes.shape[1]
+    similarities = torch.einsum("bc...,kmc->bkm...", F.normalize(features, dim=1), prototypes)
+    own = similarities.gather(1, labels[:, None, None].expand(-1, 1, m, *labels.shape[1:])).squeeze(1)
+    return own.flatten(2).transpose(1, 2).reshape(-1, m)
+
+
+def balanced(cosine, labels, weights, num_classes, balance=SlotBalance()):
+    return (cosine + balanced_slot_offsets(cosine, labels, weights, num_classes, balance)[labels]).argmax(1)
+
+
+def test_balanced_assignment_spreads_a_class_that_nearest_puts_on_one_prototype():
+    generator = torch.Generator().manual_seed(5)
+    n, m = 600, 3
+    # every voxel of both classes is nearest to prototype 0, by 0.1 +- noise
+    cosine = 0.5 + 0.05 * torch.randn(2 * n, m, generator=generator)
+    cosine[:, 0] += 0.1
+    labels = torch.cat((torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.long)))
+    assert bool((cosine.argmax(1) == 0).float().mean() > 0.85)
+    weights = torch.ones(2 * n)
+    weights[n:n + n // 2] = 0  # ignored voxels carry no mass
+    assigned = balanced(cosine, labels, weights, 3)  # class 2 is absent from the batch
+    for cls in (0, 1):
+        counted = (labels == cls) & (weights > 0)
+        counts = torch.bincount(assigned[counted], minlength=m)
+        assert bool((counts >= 0.25 * counted.sum()).all()), counts
+    assert torch.equal(balanced_slot_offsets(cosine, labels, weights, 3, SlotBalance())[2], torch.zeros(m))
+    # voxels that already form M equal clusters near M distinct prototypes keep their nearest prototype
+    clustered = torch.full((3 * n, m), 0.2)
+    clustered[torch.arange(3 * n), torch.arange(3 * n) % m] = 0.9
+    clustered += 0.01 * torch.rand(clustered.shape, generator=generator)
+    assert torch.equal(balanced(clustered, torch.zeros(3 * n, dtype=torch.long), None, 1), clustered.argmax(1))
+
+
+@pytest.mark.parametrize("shape,blocks,sample_voxels", [
+    ((2, 6, 5, 7), 1, 32768), ((2, 6, 5, 7, 4), 3, 32768),
+    ((2, 6, 5, 7, 4), 3, 50)])  # offsets estimated on every 6th voxel
+def test_balanced_scores_target_the_balanced_assignment_in_value_and_gradient(shape, blocks, sample_voxels,
+                                                                              monkeypatch):
+    monkeypatch.setattr(voxel_blocks, "CPU_BLOCK_BYTES", 1 if blocks > 1 else 1 << 30)
+    classifier = initialised_classifier().double()
+    classifier.balance = SlotBalance(sample_voxels=sample_voxels)
+    generator = torch.Generator().manual_seed(6)
+    features = torch.randn(*shape, generator=generator, dtype=torch.double, requires_grad=True)
+    labels = torch.randint(0, 3, (shape[0], *shape[2:]), generator=generator)
+    valid = torch.rand(labels.shape, generator=generator) > 0.2
+    fused = classifier.scores(features, labels, valid)
+    cosine, flat_labels = own_class_cosine(features.detach(), classifier.prototypes, labels), labels.flatten()
+    sample = torch.arange(0, len(flat_labels), -(-len(flat_labels) // sample_voxels))
+    offsets = balanced_slot_offsets(cosine[sample], flat_labels[sample], valid.flatten()[sample], 3,
+                                    classifier.balance)
+    expected_assigned = (cosine + offsets[flat_labels]).argmax(1).view(labels.shape)
+    assert torch.equal(fused.assigned, expected_assigned)
+    composed = composed_scores(features, classifier.prototypes, labels, ~classifier.initialized,
+                               classifier.temperature, assigned=expected_assigned)
+    for ours, expected in zip(fused, composed):
+        assert torch.allclose(ours, expected.to(ours.dtype))
+    # right or wrong is the classifier's answer, whichever prototype the voxel trains
+    assert torch.equal(fused.correct, composed[0].argmax(1) == labels)
+    upstream = [torch.randn(t.shape, generator=generator, dtype=torch.double) for t in composed[:3]]
+
+    def gradient(terms):
+        return torch.autograd.grad(sum((t * u).sum() for t, u in zip(terms, upstream)), features)[0]
+    assert torch.allclose(gradient(fused[:3]), gradient(composed[:3]))
+    classifier.balance = None
+    assert not torch.equal(classifier.scores(features, labels, valid).assigned, fused.assigned)
+
+
+def test_mper_config_names_the_slot_assignment():
+    assert mper(slot_assignment="balanced").classifier.balance == SlotBalance()
+    assert mper().classifier.balance is None
+    with pytest.raises(SetupError, match="slot assignment"):
+        MPERConfig(slot_assignment="sinkhorn")
+
+
 @pytest.mark.parametrize("temperature", [0.025, 0.02])  # either side of the shift-free limit 1/T = 40
 def test_fp32_contrast_stays_finite_and_exact_at_low_temperature(temperature):
     classifier = initialised_classifier()
@@ -121,7 +201,7 @@ def test_a_class_absent_from_the_batch_keeps_its_prototypes_and_nothing_becomes_
     embedding = F.normalize(torch.randn(2, 6, 4, 4), dim=1)
     labels = torch.zeros(2, 4, 4, dtype=torch.long)  # only class 0 present
     scores = classifier.scores(embedding, labels)
-    classifier.ema_update(embedding, labels, torch.ones_like(labels, dtype=torch.bool), scores.nearest,
+    classifier.ema_update(embedding, labels, torch.ones_like(labels, dtype=torch.bool), scores.assigned,
                           scores.correct)
     assert torch.equal(classifier.prototypes[1:], before[1:])
     assert torch.isfinite(classifier.prototypes).all()
@@ -168,9 +248,9 @@ def test_embedding_sampler_is_bounded_uniform_and_uses_only_valid_voxels():
     assert len(set(samples[1][:, 0].tolist())) == 4
 
 
-def mper(k=3, inference="linear", layout=None, dim=2):
-    return MPERNetwork(small_unet(dim, k), layout or LabelLayout(k), MPERConfig(prototypes_per_class=2,
-                                                                                inference=inference))
+def mper(k=3, inference="linear", layout=None, dim=2, slot_assignment="nearest"):
+    return MPERNetwork(small_unet(dim, k), layout or LabelLayout(k),
+                       MPERConfig(prototypes_per_class=2, inference=inference, slot_assignment=slot_assignment))
 
 
 def test_linear_inference_returns_exactly_the_final_linear_layer():

@@ -431,12 +431,14 @@ def in_process_trainer(workspace, monkeypatch, name: str, fold: int = 2):
     return trainer
 
 
+@pytest.mark.parametrize("name", ["nnUNetTrainerMPER_testBudget", "nnUNetTrainerMPER_balancedSlots_testBudget"])
 def test_prototypes_come_from_eval_mode_embeddings_after_warmup_and_the_first_update_uses_them(
-        workspace, monkeypatch):
+        workspace, monkeypatch, name):
     """No embedding is sampled during warm-up; at the first prototype epoch the sample is taken with the
     network in eval mode, k-means runs before the first prototype step, and that step's EMA update
-    compares the voxels with the initialised prototypes."""
-    trainer = in_process_trainer(workspace, monkeypatch, "nnUNetTrainerMPER_testBudget")
+    compares the voxels with the initialised prototypes (by the trainer's own assignment rule)."""
+    trainer = in_process_trainer(workspace, monkeypatch, name)
+    assert (trainer.core_network.classifier.balance is not None) == ("balancedSlots" in name)
     trainer.dataloader_train, trainer.dataloader_val = trainer.get_dataloaders()
     sampler_calls = []
     original_add = trainer.embedding_sampler.add
@@ -455,10 +457,10 @@ def test_prototypes_come_from_eval_mode_embeddings_after_warmup_and_the_first_up
     seen = {}
     original = classifier.ema_update
 
-    def spy(features, labels, valid, nearest, correct, extra_mask=None, tally=None):
-        seen["expected"] = classifier.assignments(features, labels)
-        seen["given"] = (nearest, correct)
-        return original(features, labels, valid, nearest, correct, extra_mask, tally)
+    def spy(features, labels, valid, assigned, correct, extra_mask=None, tally=None):
+        seen["expected"] = classifier.assignments(features, labels, valid)
+        seen["given"] = (assigned, correct)
+        return original(features, labels, valid, assigned, correct, extra_mask, tally)
     monkeypatch.setattr(classifier, "ema_update", spy)
     initialised = classifier.prototypes.clone()
     trainer.train_step(next(trainer.dataloader_train))

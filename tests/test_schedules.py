@@ -55,7 +55,7 @@ def test_ppc_targets_the_true_class_and_its_nearest_prototype_at_temperature_t()
                 expected = F.cross_entropy((s.flatten() / t)[None], torch.tensor([target]))
                 assert float(scores.contrast[b, y, x]) == pytest.approx(float(expected), rel=1e-5, abs=1e-5)
                 assert float(scores.distance[b, y, x]) == pytest.approx(float((1 - s[true].max()) ** 2), abs=1e-6)
-                assert int(scores.nearest[b, y, x]) == int(s[true].argmax())
+                assert int(scores.assigned[b, y, x]) == int(s[true].argmax())
 
 
 def test_split_batch_and_concat_batches_are_inverse():

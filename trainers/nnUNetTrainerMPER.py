@@ -78,7 +78,7 @@ class nnUNetTrainerMPER(PhasedTrainerMixin, PrototypeTrainerBase):
         if not self.in_prototype_phase or not bool(network.classifier.initialized.any()):
             loss, parts = self.objective(output, aux, target, voxels=voxels)
             return loss, parts, (aux.features, None)
-        scores = network.classifier.scores(aux.features, voxels.labels)
+        scores = network.classifier.scores(aux.features, voxels.labels, voxels.valid)
         loss, parts = self.objective(output, aux, target, scores, network.prototype_output_logits(scores.logits),
                                      self.prototype_loss_weight(), voxels=voxels)
         return loss, parts, (aux.features, scores)
@@ -92,10 +92,10 @@ class nnUNetTrainerMPER(PhasedTrainerMixin, PrototypeTrainerBase):
         initialized_now = not bool(classifier.initialized.all()) and self._initialize_missing_classes(features, voxels)
         if scores is None or initialized_now:
             # the forward pass compared the voxels with the random pre-initialisation prototypes (or none)
-            nearest, correct = classifier.assignments(features, voxels.labels)
+            assigned, correct = classifier.assignments(features, voxels.labels, voxels.valid)
         else:
-            nearest, correct = scores.nearest, scores.correct
-        counts = classifier.ema_update(features, voxels.labels, voxels.valid, nearest, correct, voxels.update_mask,
+            assigned, correct = scores.assigned, scores.correct
+        counts = classifier.ema_update(features, voxels.labels, voxels.valid, assigned, correct, voxels.update_mask,
                                        tally=voxels.from_unlabeled)
         counts = torch.stack(counts) if isinstance(counts, tuple) else counts.unsqueeze(0)
         # (1 or 2, K, M): all updating voxels, and of them the pseudo-labelled ones
@@ -180,6 +180,12 @@ class nnUNetTrainerMPER_M5(nnUNetTrainerMPER):
     mper_config = MPERConfig(prototypes_per_class=5)
 
 
+class nnUNetTrainerMPER_balancedSlots(nnUNetTrainerMPER):
+    """Not in the paper: each class's voxels are assigned evenly over its prototypes (Sinkhorn-Knopp, as
+    ProtoSeg does) instead of to the nearest one, so no prototype of a class falls idle."""
+    mper_config = MPERConfig(slot_assignment="balanced")
+
+
 class nnUNetTrainerMPER_noPPC(nnUNetTrainerMPER):
     loss_weights = MPERLossWeights(ppc=0.0)
 
@@ -246,4 +252,12 @@ class nnUNetTrainerMPER_fromVanilla_cpuBudgetLong(CpuBudgetLongMixin, nnUNetTrai
 
 
 class nnUNetTrainerMPER_cpuBudgetXL(CpuBudgetXLMixin, nnUNetTrainerMPER):
+    pass
+
+
+class nnUNetTrainerMPER_balancedSlots_cpuBudgetLong(CpuBudgetLongMixin, nnUNetTrainerMPER_balancedSlots):
+    pass
+
+
+class nnUNetTrainerMPER_balancedSlots_cpuBudgetXL(CpuBudgetXLMixin, nnUNetTrainerMPER_balancedSlots):
     pass

@@ -9,11 +9,12 @@ import torch
 from torch import nn
 
 from nnunetv2_proto.environment import SetupError
-from nnunetv2_proto.heads.multi_prototype import MultiPrototypeClassifier
+from nnunetv2_proto.heads.multi_prototype import MultiPrototypeClassifier, SlotBalance
 from nnunetv2_proto.label_layout import LabelLayout
 from nnunetv2_proto.networks.decoder_head_network import DecoderHeadNetwork
 
 INFERENCE_MODES = ("linear", "prototype", "fused")
+SLOT_ASSIGNMENTS = ("nearest", "balanced")
 
 
 @dataclass(frozen=True)
@@ -24,10 +25,15 @@ class MPERConfig:
     # what forward() returns outside training: the linear head (vanilla cost), the
     # prototype classifier, or the mean of both classifiers' probabilities
     inference: str = "linear"
+    # which own-class prototype a voxel trains (PPC/PPD target) and moves (EMA): its nearest, as the paper
+    # and the official code do, or a balanced assignment that keeps every prototype of a class in use
+    slot_assignment: str = "nearest"
 
     def __post_init__(self) -> None:
         if self.inference not in INFERENCE_MODES:
             raise SetupError(f"unknown MPER inference mode '{self.inference}'", f"use one of {INFERENCE_MODES}")
+        if self.slot_assignment not in SLOT_ASSIGNMENTS:
+            raise SetupError(f"unknown MPER slot assignment '{self.slot_assignment}'", f"use one of {SLOT_ASSIGNMENTS}")
         if self.prototypes_per_class < 1:
             raise SetupError("MPER needs at least one prototype per class", "set prototypes_per_class >= 1")
 
@@ -44,8 +50,10 @@ class MPERNetwork(DecoderHeadNetwork):
         super().__init__(unet, keep_final_linear_layer=True)
         self.layout = layout
         self.inference = config.inference
+        balance = SlotBalance() if config.slot_assignment == "balanced" else None
         self.classifier = MultiPrototypeClassifier(layout.num_exclusive, config.prototypes_per_class,
-                                                   self.stage_channels()[-1], config.temperature, config.momentum)
+                                                   self.stage_channels()[-1], config.temperature, config.momentum,
+                                                   balance)
 
     def prototype_output_logits(self, prototype_logits: torch.Tensor) -> torch.Tensor:
         """Exclusive-class prototype logits -> logits over the network's output channels."""

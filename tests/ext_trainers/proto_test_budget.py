@@ -7,7 +7,8 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_proto.trainers.nnUNetTrainerBCP import nnUNetTrainerBCP
-from nnunetv2_proto.trainers.nnUNetTrainerMPER import nnUNetTrainerMPER, nnUNetTrainerMPER_fromVanilla
+from nnunetv2_proto.trainers.nnUNetTrainerMPER import (nnUNetTrainerMPER, nnUNetTrainerMPER_balancedSlots,
+                                                      nnUNetTrainerMPER_fromVanilla)
 from nnunetv2_proto.training.initial_weights import StartFromTrainedModelMixin
 from nnunetv2_proto.training.schedules import MPER_PHASES, SEMI_SUPERVISED_FROM_TRAINED_PHASES
 from nnunetv2_proto.training.semi_supervised import LabeledSubsetMixin
@@ -51,6 +52,10 @@ TEST_MPER_PHASES = replace(MPER_PHASES, min_warmup_iterations=0)
 
 
 class nnUNetTrainerMPER_testBudget(TinyBudgetMixin, nnUNetTrainerMPER):
+    phase_plan = TEST_MPER_PHASES
+
+
+class nnUNetTrainerMPER_balancedSlots_testBudget(TinyBudgetMixin, nnUNetTrainerMPER_balancedSlots):
     phase_plan = TEST_MPER_PHASES
 
 
