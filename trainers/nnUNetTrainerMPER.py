@@ -255,6 +255,10 @@ class nnUNetTrainerMPER_cpuBudgetXL(CpuBudgetXLMixin, nnUNetTrainerMPER):
     pass
 
 
+class nnUNetTrainerMPER_balancedSlots_cpuBudget(CpuBudgetMixin, nnUNetTrainerMPER_balancedSlots):
+    pass
+
+
 class nnUNetTrainerMPER_balancedSlots_cpuBudgetLong(CpuBudgetLongMixin, nnUNetTrainerMPER_balancedSlots):
     pass
 
