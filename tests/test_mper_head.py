@@ -60,14 +60,20 @@ def test_vectorised_ema_update_equals_a_naive_loop():
     assert torch.equal(counts, expected_counts) and counts.sum() > 0
 
 
+def cosine_similarities(features, prototypes, labels):
+    """The definitions: cosine to every prototype (B, K, M, *s) and to the own class's ones (B, M, *s)."""
+    m = prototypes.shape[1]
+    similarities = torch.einsum("bc...,kmc->bkm...", F.normalize(features, dim=1), prototypes)
+    return similarities, similarities.gather(1, labels[:, None, None].expand(-1, 1, m, *labels.shape[1:])).squeeze(1)
+
+
 def composed_scores(features, prototypes, labels, unseen, temperature, assigned=None):
     """The definitions, with autograd through every (B, K, M, *s) tensor: what the fused function must equal.
     ``assigned``: the own-class prototype each voxel targets; None: its nearest."""
     k, m, _ = prototypes.shape
-    similarities = torch.einsum("bc...,kmc->bkm...", F.normalize(features, dim=1), prototypes)
+    similarities, own = cosine_similarities(features, prototypes, labels)
     logits = (similarities.max(2).values / temperature).masked_fill(
         unseen.view(1, k, *([1] * (features.ndim - 2))), -1 / temperature)
-    own = similarities.gather(1, labels[:, None, None].expand(-1, 1, m, *labels.shape[1:])).squeeze(1)
     if assigned is None:
         assigned = own.detach().max(1).indices
     contrast = F.cross_entropy(similarities.flatten(1, 2) / temperature, labels * m + assigned, reduction="none")
@@ -102,14 +108,6 @@ def test_fused_scores_equal_the_composed_definitions_in_value_and_gradient(shape
     assert torch.allclose(gradient(fused[:3]), expected_gradient) and expected_gradient.abs().sum() > 0
     # fast_mode checks a random projection of the Jacobian: full gradchecks of the blocked 3D cases took minutes
     assert torch.autograd.gradcheck(lambda f: classifier.scores(f, labels)[:3], (features,), fast_mode=True)
-
-
-def own_class_cosine(features, prototypes, labels):
-    """(B * N, M) cosine of each voxel to its own class's prototypes, the definition."""
-    m = prototypes.shape[1]
-    similarities = torch.einsum("bc...,kmc->bkm...", F.normalize(features, dim=1), prototypes)
-    own = similarities.gather(1, labels[:, None, None].expand(-1, 1, m, *labels.shape[1:])).squeeze(1)
-    return own.flatten(2).transpose(1, 2).reshape(-1, m)
 
 
 def balanced(cosine, labels, weights, num_classes, balance=SlotBalance()):
@@ -152,7 +150,8 @@ def test_balanced_scores_target_the_balanced_assignment_in_value_and_gradient(sh
     labels = torch.randint(0, 3, (shape[0], *shape[2:]), generator=generator)
     valid = torch.rand(labels.shape, generator=generator) > 0.2
     fused = classifier.scores(features, labels, valid)
-    cosine, flat_labels = own_class_cosine(features.detach(), classifier.prototypes, labels), labels.flatten()
+    own = cosine_similarities(features.detach(), classifier.prototypes, labels)[1]
+    cosine, flat_labels = own.flatten(2).transpose(1, 2).reshape(-1, own.shape[1]), labels.flatten()  # (B * N, M)
     sample = torch.arange(0, len(flat_labels), -(-len(flat_labels) // sample_voxels))
     offsets = balanced_slot_offsets(cosine[sample], flat_labels[sample], valid.flatten()[sample], 3,
                                     classifier.balance)

@@ -170,19 +170,20 @@ def _blocks_of_scaled_similarities(unit: torch.Tensor, slot_prototypes: torch.Te
             batch, prototypes_per_class, slots // prototypes_per_class, -1)
 
 
-def _balanced_z_offsets(unit: torch.Tensor, slot_prototypes: torch.Tensor, labels: torch.Tensor,
-                        weights: Optional[torch.Tensor], k: int, m: int, temperature: float, balance: SlotBalance
-                        ) -> torch.Tensor:
-    """``balanced_slot_offsets`` from a regular sample of the batch's voxels (unit embedding (B, C, N), labels
-    (B * N,)), in z = cos / T units and shaped (1, M, K, 1) like a block of ``_blocks_of_scaled_similarities``."""
-    batch, channels, num_voxels = unit.shape
+def _balanced_z_offsets(unit: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor,
+                        weights: Optional[torch.Tensor], temperature: float, balance: SlotBalance) -> torch.Tensor:
+    """``balanced_slot_offsets`` from a regular sample of the batch's voxels (unit embedding (B, C, N), prototypes
+    (K, M, C), labels (B * N,)), in z = cos / T units and shaped (1, M, K, 1) like a block of
+    ``_blocks_of_scaled_similarities``."""
+    batch, _, num_voxels = unit.shape
+    k, m, _ = prototypes.shape
     sample = _voxel_sample(batch * num_voxels, balance.sample_voxels, unit.device)
     sample_labels = labels[sample]
-    embedding = unit[sample // num_voxels, :, sample % num_voxels]                         # (n, C)
-    own_prototypes = slot_prototypes.view(m, k, channels)[:, sample_labels].transpose(0, 1)  # (n, M, C), cos / T
-    cosine = torch.bmm(own_prototypes, embedding.unsqueeze(2)).squeeze(2) * temperature     # (n, M)
+    embedding = unit[sample // num_voxels, :, sample % num_voxels]                             # (n, C)
+    own_prototypes = at_least_fp32(prototypes)[sample_labels]                                  # (n, M, C)
+    cosine = torch.bmm(own_prototypes, embedding.unsqueeze(2)).squeeze(2)                      # (n, M)
     sample_weights = None if weights is None else weights.reshape(-1)[sample]
-    offsets = balanced_slot_offsets(cosine, sample_labels, sample_weights, k, balance)      # (K, M)
+    offsets = balanced_slot_offsets(cosine, sample_labels, sample_weights, k, balance)         # (K, M)
     return (offsets / temperature).t().reshape(1, m, k, 1)
 
 
@@ -221,7 +222,7 @@ class _FusedPrototypeScores(torch.autograd.Function):
             slot_prototypes = _scaled_slot_prototypes(prototypes, temperature)
             # per (class, prototype) additive offsets to z that turn the nearest rule into the balanced one
             offsets = None if balance is None else _balanced_z_offsets(
-                unit, slot_prototypes, flat_labels.view(-1), weights, k, m, temperature, balance)
+                unit, prototypes, flat_labels.view(-1), weights, temperature, balance)
             for block, z in _blocks_of_scaled_similarities(unit, slot_prototypes, m):
                 block_best = z.amax(1)
                 best[..., block] = block_best
