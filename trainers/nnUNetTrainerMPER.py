@@ -255,6 +255,14 @@ class nnUNetTrainerMPER_cpuBudgetXL(CpuBudgetXLMixin, nnUNetTrainerMPER):
     pass
 
 
+class nnUNetTrainerMPER_officialLoss_cpuBudgetXL(CpuBudgetXLMixin, nnUNetTrainerMPER_officialLoss):
+    pass
+
+
+class nnUNetTrainerMPER_M1_cpuBudgetXL(CpuBudgetXLMixin, nnUNetTrainerMPER_M1):
+    pass
+
+
 class nnUNetTrainerMPER_balancedSlots_cpuBudget(CpuBudgetMixin, nnUNetTrainerMPER_balancedSlots):
     pass
 

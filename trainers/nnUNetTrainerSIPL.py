@@ -214,3 +214,20 @@ class nnUNetTrainerSIPL_tauStepFloor_cpuBudget(CpuBudgetMixin, nnUNetTrainerSIPL
 
 class nnUNetTrainerSIPL_cpuBudgetXL(CpuBudgetXLMixin, nnUNetTrainerSIPL):
     pass
+
+
+# ACDC's method budget for issue 13's ablations and the variants its diagnostics point at
+class nnUNetTrainerSIPL_noSMG_cpuBudgetXL(CpuBudgetXLMixin, nnUNetTrainerSIPL_noSMG):
+    pass
+
+
+class nnUNetTrainerSIPL_noIPL_cpuBudgetXL(CpuBudgetXLMixin, nnUNetTrainerSIPL_noIPL):
+    pass
+
+
+class nnUNetTrainerSIPL_massProposals_cpuBudgetXL(CpuBudgetXLMixin, nnUNetTrainerSIPL_massProposals):
+    pass
+
+
+class nnUNetTrainerSIPL_tauStepFloor_cpuBudgetXL(CpuBudgetXLMixin, nnUNetTrainerSIPL_tauStepFloor):
+    pass
