@@ -228,6 +228,31 @@ def test_a_stored_spec_without_the_new_fields_rebuilds_the_old_computation():
     assert normalized_spec(spec) != normalized_spec({**spec, "config": asdict(SIPLConfig())})  # resume refused
 
 
+def test_the_default_proposals_are_mass_normalised_and_the_papers_average_is_a_variant():
+    from nnunetv2_proto.trainers.nnUNetTrainerSIPL import (nnUNetTrainerSIPL, nnUNetTrainerSIPL_massProposals_noSMG,
+                                                          nnUNetTrainerSIPL_noSMG, nnUNetTrainerSIPL_plainProposals)
+    assert nnUNetTrainerSIPL.sipl_config.normalize_proposals_by_mass
+    assert not nnUNetTrainerSIPL_plainProposals.sipl_config.normalize_proposals_by_mass
+    assert nnUNetTrainerSIPL_massProposals_noSMG.sipl_config == nnUNetTrainerSIPL_noSMG.sipl_config
+    assert not nnUNetTrainerSIPL_noSMG.sipl_config.use_smg
+
+
+def test_the_proposal_scale_does_not_split_specs_where_it_has_no_effect():
+    """Without instance proposals the scale is inert: a _noIPL run keeps one spec under either proposal
+    default (it resumes and rebuilds as the same network), while a plain-average SIPL run is not resumed
+    as the mass-normalised default."""
+    from dataclasses import asdict
+    from nnunetv2_proto.networks import normalized_spec
+
+    def spec(config: dict) -> dict:
+        return {"kind": "sipl", "label_layout": LabelLayout(2).to_dict(), "config": config}
+    no_ipl = asdict(SIPLConfig(use_instance_proposals=False))
+    assert no_ipl["normalize_proposals_by_mass"] is False
+    assert normalized_spec(spec({**no_ipl, "normalize_proposals_by_mass": True})) == normalized_spec(spec(no_ipl))
+    plain = asdict(SIPLConfig(normalize_proposals_by_mass=False))
+    assert normalized_spec(spec(plain)) != normalized_spec(spec(asdict(SIPLConfig())))
+
+
 def test_prototypes_follow_the_masks_of_the_input():
     """Instance adaptivity: other masks, other prototypes; without instance proposals, the same ones."""
     from nnunetv2_proto.heads.instance_prototypes import PrototypeGenerator

@@ -113,10 +113,22 @@ class nnUNetTrainerSIPL_filterTrainOnly(nnUNetTrainerSIPL):
     sipl_config = SIPLConfig(filter_at_inference=False)
 
 
+class nnUNetTrainerSIPL_plainProposals(nnUNetTrainerSIPL):
+    """The paper's instance proposals: the plain average of mask x features over the grid (the default
+    until 2026-12-07; a small structure's proposal then shrinks with the share of the patch it fills)."""
+    sipl_config = SIPLConfig(normalize_proposals_by_mass=False)
+
+
 class nnUNetTrainerSIPL_massProposals(nnUNetTrainerSIPL):
-    """Instance proposals as mask-weighted means (scale-stable: independent of how much of a structure a
-    patch holds) instead of the paper's plain average over the grid."""
+    """Mass-normalised instance proposals, now the default: the name under which the runs that made it
+    the default were trained, kept so they and their commands resolve."""
     sipl_config = SIPLConfig(normalize_proposals_by_mass=True)
+
+
+class nnUNetTrainerSIPL_massProposals_noSMG(nnUNetTrainerSIPL_massProposals):
+    """``_noSMG`` of the mass-normalised default, named apart from the ``_noSMG`` runs trained with the
+    plain average before the switch so the two never share a results folder."""
+    sipl_config = SIPLConfig(use_smg=False, normalize_proposals_by_mass=True)
 
 
 class nnUNetTrainerSIPL_kmaxInit(nnUNetTrainerSIPL):
@@ -180,6 +192,14 @@ class nnUNetTrainerSIPL_massProposals_cpuBudgetLong(CpuBudgetLongMixin, nnUNetTr
     pass
 
 
+class nnUNetTrainerSIPL_massProposals_noSMG_cpuBudgetLong(CpuBudgetLongMixin, nnUNetTrainerSIPL_massProposals_noSMG):
+    pass
+
+
+class nnUNetTrainerSIPL_plainProposals_cpuBudgetLong(CpuBudgetLongMixin, nnUNetTrainerSIPL_plainProposals):
+    pass
+
+
 class nnUNetTrainerSIPL_kmaxInit_cpuBudgetLong(CpuBudgetLongMixin, nnUNetTrainerSIPL_kmaxInit):
     pass
 
@@ -197,6 +217,14 @@ class nnUNetTrainerSIPL_filterTrainOnly_cpuBudget(CpuBudgetMixin, nnUNetTrainerS
 
 
 class nnUNetTrainerSIPL_massProposals_cpuBudget(CpuBudgetMixin, nnUNetTrainerSIPL_massProposals):
+    pass
+
+
+class nnUNetTrainerSIPL_massProposals_noSMG_cpuBudget(CpuBudgetMixin, nnUNetTrainerSIPL_massProposals_noSMG):
+    pass
+
+
+class nnUNetTrainerSIPL_plainProposals_cpuBudget(CpuBudgetMixin, nnUNetTrainerSIPL_plainProposals):
     pass
 
 
@@ -226,6 +254,14 @@ class nnUNetTrainerSIPL_noIPL_cpuBudgetXL(CpuBudgetXLMixin, nnUNetTrainerSIPL_no
 
 
 class nnUNetTrainerSIPL_massProposals_cpuBudgetXL(CpuBudgetXLMixin, nnUNetTrainerSIPL_massProposals):
+    pass
+
+
+class nnUNetTrainerSIPL_massProposals_noSMG_cpuBudgetXL(CpuBudgetXLMixin, nnUNetTrainerSIPL_massProposals_noSMG):
+    pass
+
+
+class nnUNetTrainerSIPL_plainProposals_cpuBudgetXL(CpuBudgetXLMixin, nnUNetTrainerSIPL_plainProposals):
     pass
 
 

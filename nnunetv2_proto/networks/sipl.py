@@ -27,7 +27,10 @@ class SIPLConfig:
     prototype_dim: int = 64
     use_smg: bool = True
     use_instance_proposals: bool = True
-    normalize_proposals_by_mass: bool = False
+    # instance proposals as mask-weighted means, not the paper's plain average over the grid, which
+    # shrinks a small structure's proposal (norm 1.5-3 against the common one's 15 in trained runs) and
+    # leaves the prototypes nearly input-independent (docs/design.md, "Proposal scale")
+    normalize_proposals_by_mass: bool = True
     predictor: str = "dot_product"
     # the SMG filter at inference as in training (the official code filters at test time too)
     filter_at_inference: bool = True
@@ -38,6 +41,10 @@ class SIPLConfig:
     LEGACY_VALUES = {"filter_at_inference": False, "kmeans_identity_init": False}
 
     def __post_init__(self) -> None:
+        if not self.use_instance_proposals and self.normalize_proposals_by_mass:
+            # inert without instance proposals: one spelling, so such a model's spec does not change with
+            # the proposal default (a run of either default resumes and rebuilds as the same network)
+            object.__setattr__(self, "normalize_proposals_by_mass", False)
         if self.predictor not in PREDICTORS:
             raise SetupError(f"unknown SIPL predictor '{self.predictor}'", f"use one of {sorted(PREDICTORS)}")
         if self.query_dim % self.num_heads or self.query_dim % 8:
