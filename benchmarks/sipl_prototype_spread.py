@@ -24,8 +24,8 @@ from typing import Dict, List
 
 import torch
 
-from nnunetv2_proto.networks import HEAD_SPEC_KEY, attach_head_spec, config_from_spec
-from nnunetv2_proto.networks.sipl import SIPLConfig, prototype_spread
+from nnunetv2_proto.networks import attach_head_spec, checkpoint_head_spec
+from nnunetv2_proto.networks.sipl import prototype_spread
 
 
 def measure_run(dataset: str, configuration: str, fold: int, trainer_name: str, batches: int) -> Dict[str, float]:
@@ -39,9 +39,7 @@ def measure_run(dataset: str, configuration: str, fold: int, trainer_name: str, 
         raise SystemExit(f"{checkpoint} does not exist: train {trainer_name} fold {fold} first")
     # the head as the run was trained (a run may predate a change of the trainer's defaults), as
     # nnUNetv2_predict builds it from the run's own plans
-    init_args = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)["init_args"]
-    stored = init_args["plans"]["configurations"][init_args["configuration"]][HEAD_SPEC_KEY]
-    trainer.sipl_config = config_from_spec(SIPLConfig, stored["config"])
+    stored = checkpoint_head_spec(torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True))
     attach_head_spec(trainer.plans_manager, configuration, trainer.configuration_manager, stored)
     trainer.initialize()
     trainer.load_checkpoint(str(checkpoint))

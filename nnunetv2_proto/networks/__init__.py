@@ -41,6 +41,15 @@ def normalized_spec(spec: Optional[dict]) -> Optional[dict]:
     return {**spec, "config": asdict(config_from_spec(HEADS[spec["kind"]][0], spec["config"]))}
 
 
+def checkpoint_head_spec(checkpoint: dict) -> Optional[dict]:
+    """The head spec a nnU-Net checkpoint was trained with (from the plans it stores), or None."""
+    try:
+        init_args = checkpoint["init_args"]
+        return init_args["plans"]["configurations"][init_args["configuration"]].get(HEAD_SPEC_KEY)
+    except (KeyError, TypeError):
+        return None
+
+
 def attach_head_spec(plans_manager, configuration_name: str, configuration_manager, spec: dict) -> None:
     """Record ``spec`` in the trainer's plans (saved to the results folder) and its configuration manager."""
     plans_manager.plans["configurations"][configuration_name][HEAD_SPEC_KEY] = spec

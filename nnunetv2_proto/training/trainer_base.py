@@ -31,7 +31,8 @@ from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2_proto.environment import SetupError
 from nnunetv2_proto.label_layout import LabelLayout
 from nnunetv2_proto.losses import VoxelTarget, as_voxel_target
-from nnunetv2_proto.networks import HEAD_SPEC_KEY, attach_head_spec, build_from_plans, head_spec, normalized_spec
+from nnunetv2_proto.networks import (HEAD_SPEC_KEY, attach_head_spec, build_from_plans, checkpoint_head_spec,
+                                     head_spec, normalized_spec)
 from nnunetv2_proto.training.schedules import PhasePlan
 
 EXTRA_STATE_KEY = "nnunetv2_proto_state"
@@ -269,11 +270,7 @@ class PrototypeTrainerBase(ExtensibleTrainerMixin, nnUNetTrainer):
     def check_checkpoint(self, checkpoint: dict, source: str) -> None:
         super().check_checkpoint(checkpoint, source)
         ours = self.configuration_manager.configuration[HEAD_SPEC_KEY]
-        try:
-            theirs = checkpoint["init_args"]["plans"]["configurations"][checkpoint["init_args"]["configuration"]] \
-                .get(HEAD_SPEC_KEY)
-        except (KeyError, TypeError):
-            theirs = None
+        theirs = checkpoint_head_spec(checkpoint)
         if normalized_spec(theirs) != normalized_spec(ours):
             raise SetupError(
                 f"the checkpoint {source} (trainer {checkpoint.get('trainer_name')}) was written with the head "
