@@ -8,7 +8,10 @@ trained run this prints, over patches from nnU-Net's validation loader of the ru
   that mean (0: every input gets the same prototypes, i.e. a fixed linear classifier);
 - instance share: how far the prototypes move when the instance proposal is replaced by zeros,
   over their norm (0: the MLP ignores the instance proposal);
-- the mean norms of the instance and common proposals (the training log's diagnostic).
+- the mean norms of the instance and common proposals (the training log's diagnostic);
+- mask Dice: per foreground class, the Dice of the masks the instance proposals pool over (argmax on
+  their grid) against the validation target: the last SMG pseudo mask for full SIPL, the head's
+  first-pass prediction for ``_noSMG``. An instance proposal is only as good as the mask it averages.
 
 Run: python benchmarks/sipl_prototype_spread.py -d 501 -c 3d_cpu -f 0 \\
          -tr nnUNetTrainerSIPL_cpuBudgetLong_seed1 nnUNetTrainerSIPL_noSMG_cpuBudgetLong_seed1 --batches 8
@@ -24,11 +27,12 @@ from typing import Dict, List
 
 import torch
 
+from nnunetv2_proto.diagnostics import dice_from_confusion, foreground_confusion
 from nnunetv2_proto.networks import attach_head_spec, checkpoint_head_spec
 from nnunetv2_proto.networks.sipl import prototype_spread
 
 
-def measure_run(dataset: str, configuration: str, fold: int, trainer_name: str, batches: int) -> Dict[str, float]:
+def measure_run(dataset: str, configuration: str, fold: int, trainer_name: str, batches: int) -> Dict[str, object]:
     from nnunetv2.run.run_training import get_trainer_from_args
     trainer = get_trainer_from_args(dataset, configuration, fold, trainer_name, device=torch.device("cpu"))
     # leave the run's folder as it was: nnU-Net's constructor has already opened a training log there
@@ -47,20 +51,28 @@ def measure_run(dataset: str, configuration: str, fold: int, trainer_name: str, 
     generator = network.head.generator
     if not generator.use_instance_proposals:
         print(f"{trainer_name}: no instance proposals (common proposals only): spread 0 by construction")
-    calls: List = []
-    handle = generator.register_forward_hook(lambda module, inputs, output: calls.append(output))
+    calls: List = []  # (masks, prototypes) of each generator call
+    handle = generator.register_forward_hook(lambda module, inputs, output: calls.append((inputs[1], output)))
     captured: List = []  # the prototypes each forward pass predicts with
+    mask_confusions: List = []
     _, validation_loader = trainer.get_dataloaders()
     try:
         with torch.no_grad():
             for _ in range(batches):
-                data, _ = trainer.to_device(next(validation_loader))
+                data, target = trainer.to_device(next(validation_loader))
                 calls.clear()
                 network(data)
-                captured.append(calls[-1])  # without SMG a first call (no instance proposals) precedes it
+                masks, prototypes = calls[-1]  # without SMG a first call (no instance proposals) precedes it
+                captured.append(prototypes)
+                if masks is not None:
+                    voxels = trainer.voxel_target(target)
+                    mask_confusions.append(foreground_confusion(masks, voxels.labels, voxels.valid))
     finally:
         handle.remove()
-    return summarise(generator, captured)
+    found = summarise(generator, captured)
+    if mask_confusions:
+        found["mask_dice"] = dice_from_confusion(sum(mask_confusions))
+    return found
 
 
 @torch.no_grad()
@@ -87,12 +99,14 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=8, help="validation batches (of the plans' batch size)")
     args = parser.parse_args()
     os.environ.setdefault("nnUNet_n_proc_DA", "0")  # in-process loading: a handful of batches
-    print("| run | patches | prototype spread | instance share | instance proposal norm | common proposal norm |")
-    print("|---|---|---|---|---|---|")
+    print("| run | patches | prototype spread | instance share | instance proposal norm | common proposal norm "
+          "| mask Dice per class |")
+    print("|---|---|---|---|---|---|---|")
     for name in args.trainers:
         r = measure_run(args.dataset, args.configuration, args.fold, name, args.batches)
         instance = (f"{r['instance_share']:.3f} | {r['instance_norm']:.2f}" if "instance_share" in r else "- | -")
-        print(f"| `{name}` | {r['patches']:.0f} | {r['spread']:.4f} | {instance} | {r['common_norm']:.2f} |")
+        masks = " / ".join(f"{d:.3f}" for d in r["mask_dice"]) if "mask_dice" in r else "-"
+        print(f"| `{name}` | {r['patches']:.0f} | {r['spread']:.4f} | {instance} | {r['common_norm']:.2f} | {masks} |")
 
 
 if __name__ == "__main__":
