@@ -9,7 +9,7 @@ trained run this prints, over patches from nnU-Net's validation loader of the ru
 - instance share: how far the prototypes move when the instance proposal is replaced by zeros,
   over their norm (0: the MLP ignores the instance proposal);
 - the mean norms of the instance and common proposals (the training log's diagnostic);
-- mask Dice: per foreground class, the Dice of the masks the instance proposals pool over (argmax on
+- mask Dice (label layouts): per foreground class, the Dice of the masks the instance proposals pool over (argmax on
   their grid) against the validation target: the last SMG pseudo mask for full SIPL, the head's
   first-pass prediction for ``_noSMG``. An instance proposal is only as good as the mask it averages.
 
@@ -64,7 +64,8 @@ def measure_run(dataset: str, configuration: str, fold: int, trainer_name: str, 
                 network(data)
                 masks, prototypes = calls[-1]  # without SMG a first call (no instance proposals) precedes it
                 captured.append(prototypes)
-                if masks is not None:
+                # region masks overlap, so an argmax over them is no segmentation: label layouts only
+                if masks is not None and not trainer.label_layout.has_regions:
                     voxels = trainer.voxel_target(target)
                     mask_confusions.append(foreground_confusion(masks, voxels.labels, voxels.valid))
     finally:
