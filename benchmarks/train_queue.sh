@@ -22,7 +22,13 @@ mkdir -p "$logdir"
 for trainer in "$@"; do
     run=$(ls -d "$nnUNet_results"/Dataset"$(printf %03d "$dataset")"_*/"$trainer"__nnUNetPlans__"$configuration"/fold_"$fold" 2>/dev/null | head -1)
     if [ -n "$run" ] && { [ -f "$run/checkpoint_final.pth" ] || [ -f "$run/validation/summary.json" ]; }; then
-        echo "$(date '+%F %T') $trainer: finished before, skipped"
+        if [ -f "$run/checkpoint_final.pth" ]; then
+            echo "$(date '+%F %T') $trainer: finished before, skipped"
+        else
+            # restored by benchmarks/run_archive.py: scores and logs, no weights
+            echo "$(date '+%F %T') $trainer: restored from the archive (no weights), skipped; a two-stage" \
+                 "run that starts from it needs it retrained: move $run aside and queue it again"
+        fi
         continue
     fi
     resume=()
