@@ -361,3 +361,21 @@ def test_archived_runs_compare_like_the_originals(tmp_path, monkeypatch):
     (folds[1] / "checkpoint_final.pth").unlink()
     with pytest.raises(SystemExit, match="not a finished run"):
         run_archive.export_run(folds[1], archive)
+
+
+def test_archive_tells_a_bit_identical_retrain_from_a_different_one(tmp_path):
+    import torch
+    run_archive = load_run_archive()
+    fold_folder = tmp_path / "nnUNet_results" / "Dataset001_Demo" / "nnUNetTrainer__nnUNetPlans__3d_cpu" / "fold_0"
+    (fold_folder / "validation").mkdir(parents=True)
+    (fold_folder / "validation" / "summary.json").write_text("{}")
+    weights = {"conv.weight": torch.randn(4, 2, 3, 3), "norm.num_batches_tracked": torch.tensor(7)}
+    torch.save({"logging": {}, "network_weights": weights}, fold_folder / "checkpoint_final.pth")
+    archive = tmp_path / "archive"
+    archived = run_archive.export_run(fold_folder, archive)
+    assert not (archived / "checkpoint_final.pth").exists()
+    assert "bit-identical" in run_archive.check_fingerprint(fold_folder, archive)
+    # the retrain differs from the archived run in the last bit of one weight
+    weights["conv.weight"][0, 0, 0, 0] = torch.nextafter(weights["conv.weight"][0, 0, 0, 0], torch.tensor(9.0))
+    torch.save({"logging": {}, "network_weights": weights}, fold_folder / "checkpoint_final.pth")
+    assert "differs from the archived run" in run_archive.check_fingerprint(fold_folder, archive)
