@@ -12,6 +12,10 @@ trained run this prints, over patches from nnU-Net's validation loader of the ru
 - mask Dice (label layouts): per foreground class, the Dice of the masks the instance proposals pool over (argmax on
   their grid) against the validation target: the last SMG pseudo mask for full SIPL, the head's
   first-pass prediction for ``_noSMG``. An instance proposal is only as good as the mask it averages.
+- mask channel covers: per foreground class, the label that most of the voxels where that class's mask
+  wins the argmax carry (``-`` where it never wins). Only full SIPL's masks are trained against the
+  labels (the SMG's auxiliary loss); ``_noSMG``'s first pass is not, so nothing ties its channel k
+  to class k, and on a multi-class layout the pooled region of a class can be another class's.
 
 Run: python benchmarks/sipl_prototype_spread.py -d 501 -c 3d_cpu -f 0 \\
          -tr nnUNetTrainerSIPL_cpuBudgetLong_seed1 nnUNetTrainerSIPL_noSMG_cpuBudgetLong_seed1 --batches 8
@@ -27,7 +31,7 @@ from typing import Dict, List
 
 import torch
 
-from nnunetv2_proto.diagnostics import dice_from_confusion, foreground_confusion
+from nnunetv2_proto.label_layout import downsample_labels
 from nnunetv2_proto.networks import attach_head_spec, checkpoint_head_spec
 from nnunetv2_proto.networks.sipl import prototype_spread
 
@@ -54,7 +58,7 @@ def measure_run(dataset: str, configuration: str, fold: int, trainer_name: str, 
     calls: List = []  # (masks, prototypes) of each generator call
     handle = generator.register_forward_hook(lambda module, inputs, output: calls.append((inputs[1], output)))
     captured: List = []  # the prototypes each forward pass predicts with
-    mask_confusions: List = []
+    mask_confusions: List[torch.Tensor] = []
     _, validation_loader = trainer.get_dataloaders()
     try:
         with torch.no_grad():
@@ -67,13 +71,32 @@ def measure_run(dataset: str, configuration: str, fold: int, trainer_name: str, 
                 # region masks overlap, so an argmax over them is no segmentation: label layouts only
                 if masks is not None and not trainer.label_layout.has_regions:
                     voxels = trainer.voxel_target(target)
-                    mask_confusions.append(foreground_confusion(masks, voxels.labels, voxels.valid))
+                    mask_confusions.append(label_by_channel(masks, voxels.labels, voxels.valid))
     finally:
         handle.remove()
     found = summarise(generator, captured)
     if mask_confusions:
-        found["mask_dice"] = dice_from_confusion(sum(mask_confusions))
+        found.update(read_mask_confusion(sum(mask_confusions)))
     return found
+
+
+def label_by_channel(masks: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(K, K) voxel counts: row = label, column = the mask channel that wins the argmax, on the masks' grid."""
+    labels, valid = downsample_labels(labels, valid, masks.shape[2:])
+    num_classes = masks.shape[1]
+    inside = valid.bool()
+    pairs = labels[inside].long() * num_classes + masks.argmax(1)[inside].long()
+    return torch.bincount(pairs, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+def read_mask_confusion(confusion: torch.Tensor) -> Dict[str, List]:
+    """Per foreground class: Dice of its mask channel, and the label most of that channel's voxels carry."""
+    confusion = confusion.double()
+    true_positive = confusion.diagonal()
+    dice = 2 * true_positive / (confusion.sum(0) + confusion.sum(1)).clamp_min(1)
+    covers = [int(confusion[:, k].argmax()) if confusion[:, k].sum() > 0 else None
+              for k in range(confusion.shape[1])]
+    return {"mask_dice": dice[1:].tolist(), "mask_covers": covers[1:]}
 
 
 @torch.no_grad()
@@ -101,13 +124,16 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("nnUNet_n_proc_DA", "0")  # in-process loading: a handful of batches
     print("| run | patches | prototype spread | instance share | instance proposal norm | common proposal norm "
-          "| mask Dice per class |")
-    print("|---|---|---|---|---|---|---|")
+          "| mask Dice per class | mask channel covers label |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in args.trainers:
         r = measure_run(args.dataset, args.configuration, args.fold, name, args.batches)
         instance = (f"{r['instance_share']:.3f} | {r['instance_norm']:.2f}" if "instance_share" in r else "- | -")
         masks = " / ".join(f"{d:.3f}" for d in r["mask_dice"]) if "mask_dice" in r else "-"
-        print(f"| `{name}` | {r['patches']:.0f} | {r['spread']:.4f} | {instance} | {r['common_norm']:.2f} | {masks} |")
+        covers = (" / ".join("-" if label is None else str(label) for label in r["mask_covers"])
+                  if "mask_covers" in r else "-")
+        print(f"| `{name}` | {r['patches']:.0f} | {r['spread']:.4f} | {instance} | {r['common_norm']:.2f} | {masks} "
+              f"| {covers} |")
 
 
 if __name__ == "__main__":
