@@ -1,5 +1,6 @@
 import io
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -324,3 +325,22 @@ def test_tau_schedules():
     # 20 epochs x 10 steps: the floor stretches the ramp over 1000 steps, so epoch 10 (100 steps) is at 0.14
     assert SIPL_TAU_STEP_FLOOR.tau(10, 20, 10) == pytest.approx(0.1 + 0.4 * 100 / 1000)
     assert SIPL_TAU_STEP_FLOOR.tau(50, 1000, 250) == pytest.approx(SIPL_TAU.tau(50, 1000))  # long runs: unchanged
+
+
+def test_spread_script_reads_which_label_each_mask_channel_covers():
+    import importlib.util
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "sipl_prototype_spread.py"
+    spec = importlib.util.spec_from_file_location("sipl_prototype_spread", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    labels = torch.tensor([[[0, 0, 1, 1], [2, 2, 3, 3]]])  # (B, x, y): every class on two voxels
+    valid = torch.ones_like(labels, dtype=torch.bool)
+    # a permuted first pass: channel 1 sits on label 2, channel 2 on label 3, channel 3 on label 1
+    permuted = torch.tensor([0, 3, 1, 2])[labels]
+    masks = torch.nn.functional.one_hot(permuted, 4).movedim(-1, 1).float()
+    found = module.read_mask_confusion(module.label_by_channel(masks, labels, valid))
+    assert found["mask_covers"] == [2, 3, 1]
+    assert found["mask_dice"] == pytest.approx([0.0, 0.0, 0.0])
+    aligned = torch.nn.functional.one_hot(labels, 4).movedim(-1, 1).float()
+    assert module.read_mask_confusion(module.label_by_channel(aligned, labels, valid)) == {
+        "mask_dice": pytest.approx([1.0, 1.0, 1.0]), "mask_covers": [1, 2, 3]}
