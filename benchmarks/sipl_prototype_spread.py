@@ -93,7 +93,8 @@ def read_mask_confusion(confusion: torch.Tensor) -> Dict[str, List]:
     """Per foreground class: Dice of its mask channel, and the label most of that channel's voxels carry."""
     confusion = confusion.double()
     true_positive = confusion.diagonal()
-    dice = 2 * true_positive / (confusion.sum(0) + confusion.sum(1)).clamp_min(1)
+    both = confusion.sum(0) + confusion.sum(1)  # predicted + reference voxels of each class
+    dice = torch.where(both > 0, 2 * true_positive / both.clamp_min(1), torch.full_like(both, float("nan")))
     covers = [int(confusion[:, k].argmax()) if confusion[:, k].sum() > 0 else None
               for k in range(confusion.shape[1])]
     return {"mask_dice": dice[1:].tolist(), "mask_covers": covers[1:]}
