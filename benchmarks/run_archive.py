@@ -61,6 +61,11 @@ def load_checkpoint(fold_folder: Path) -> dict:
     return torch.load(fold_folder / FINISHED, map_location="cpu", weights_only=False, mmap=True)
 
 
+def archived_folder(fold_folder: Path, archive: Path) -> Path:
+    """Where a fold folder lives in the archive: ``archive/<dataset>/<identifier>/<fold>``."""
+    return archive / fold_folder.parent.parent.name / fold_folder.parent.name / fold_folder.name
+
+
 def export_run(fold_folder: Path, archive: Path) -> Path:
     """Copy one finished fold folder's evidence into ``archive/<dataset>/<identifier>/<fold>``."""
     import torch
@@ -68,7 +73,7 @@ def export_run(fold_folder: Path, archive: Path) -> Path:
     if not (fold_folder / FINISHED).is_file() or not (fold_folder / "validation" / "summary.json").is_file():
         raise SystemExit(f"{fold_folder} is not a finished run (no {FINISHED} or validation/summary.json); "
                          f"finish it with nnUNetv2_train ... --c first")
-    target = archive / fold_folder.parent.parent.name / fold_folder.parent.name / fold_folder.name
+    target = archived_folder(fold_folder, archive)
     if target.exists():
         shutil.rmtree(target)
     (target / "validation").mkdir(parents=True)
@@ -94,8 +99,7 @@ def check_fingerprint(fold_folder: Path, archive: Path) -> str:
     if not (fold_folder / FINISHED).is_file():
         raise SystemExit(f"{fold_folder} has no {FINISHED}: only a finished run has final weights to compare")
     fingerprint = weights_fingerprint(load_checkpoint(fold_folder))
-    recorded_file = archive / fold_folder.parent.parent.name / fold_folder.parent.name / fold_folder.name / \
-        WEIGHTS_FINGERPRINT_FILE
+    recorded_file = archived_folder(fold_folder, archive) / WEIGHTS_FINGERPRINT_FILE
     if not recorded_file.is_file():
         return f"{fingerprint} {fold_folder}: no fingerprint archived for this run"
     same = recorded_file.read_text().strip() == fingerprint
