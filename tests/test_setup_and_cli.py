@@ -60,7 +60,8 @@ def test_no_project_trainer_is_shadowed_by_a_builtin_one():
 
 def test_budget_variants_share_one_budget_per_suffix():
     """Every ``_cpuBudget`` trainer trains 200 steps, every ``_cpuBudgetLong`` one 1000 and every ``_cpuBudgetXL``
-    one 3000, each with a twin at the next shorter budget."""
+    one 3000, each with a twin at the next shorter budget (but a two-stage run from an XL source, which says so
+    before its own budget: ``..._fromLabeledXL_cpuBudgetLong``)."""
     from nnunetv2_proto.doctor import project_trainers
     trainers = project_trainers()
     steps = {name: cls.budget_epochs * cls.budget_iterations_per_epoch for name, cls in trainers.items()
@@ -71,26 +72,32 @@ def test_budget_variants_share_one_budget_per_suffix():
         longer_ones = [n for n in steps if n.endswith("_cpuBudget" + suffix)]
         assert {f"nnUNetTrainer{family}_cpuBudget{suffix}" for family in ("", "SIPL", "MPER")} <= set(longer_ones)
         for name in longer_ones:
-            assert steps[name] == budget and name[: -len(suffix)] + shorter in steps, name
+            assert steps[name] == budget, name
+            assert "XL_cpuBudget" in name or name[: -len(suffix)] + shorter in steps, name
 
 
 def test_every_two_stage_trainer_names_a_source_that_exists_with_the_same_budget():
     """A ``_fromX`` trainer loads the run of ``source_trainer``: that trainer must exist, and a budget variant must
-    start from the same budget (a typo would only surface after a whole first-stage run)."""
+    start from the same budget, or from the XL budget where its name says ``_from<Source>XL_`` (a typo would only
+    surface after a whole first-stage run)."""
     from nnunetv2_proto.doctor import project_trainers
     from nnunetv2_proto.training.initial_weights import StartFromTrainedModelMixin
     trainers = project_trainers()
     two_stage = {n: c for n, c in trainers.items() if issubclass(c, StartFromTrainedModelMixin)}
-    assert "nnUNetTrainerBCP_labeledList_fromLabeled_cpuBudgetLong" in two_stage
+    assert {"nnUNetTrainerBCP_labeledList_fromLabeled_cpuBudgetLong",
+            "nnUNetTrainerBCP_labeledList_fromLabeledXL_cpuBudgetLong"} <= set(two_stage)
     for name, cls in two_stage.items():
         assert cls.source_trainer == "nnUNetTrainer" or cls.source_trainer in trainers, name
+        if "XL_cpuBudget" in name:
+            assert cls.source_trainer.endswith("_cpuBudgetXL"), name
+            continue
         for suffix in ("_cpuBudget", "_cpuBudgetLong"):
             assert name.endswith(suffix) == cls.source_trainer.endswith(suffix), name
 
 
 def test_every_two_stage_budget_run_has_a_baseline_for_both_stages_steps():
-    """The fair baseline of ``<X>_from<Source>_cpuBudget[Long]`` is ``<Source>Double``: the source's family trained
-    for the source run's steps plus the two-stage run's own."""
+    """The fair baseline of ``<X>_from<Source>_cpuBudget[Long]`` is ``<Source>Double`` (``<Source>PlusLong`` for an
+    XL source): the source's family trained for the source run's steps plus the two-stage run's own."""
     from nnunetv2_proto.doctor import project_trainers
     from nnunetv2_proto.training.initial_weights import StartFromTrainedModelMixin
 
@@ -102,11 +109,13 @@ def test_every_two_stage_budget_run_has_a_baseline_for_both_stages_steps():
                  if issubclass(c, StartFromTrainedModelMixin) and n.endswith(("_cpuBudget", "_cpuBudgetLong"))}
     assert {"nnUNetTrainerBCP_8labeled_fromLabeled_cpuBudget", "nnUNetTrainerMPER_fromVanilla_cpuBudgetLong",
             "nnUNetTrainer_8labeled_fromLabeled_cpuBudget", "nnUNetTrainerBCP_8labeled_fromLabeled_cpuBudgetLong",
-            "nnUNetTrainerMPERSemi_8labeled_fromLabeled_cpuBudgetLong"} <= set(two_stage)  # third: the restart control
+            "nnUNetTrainerMPERSemi_8labeled_fromLabeled_cpuBudgetLong",
+            "nnUNetTrainer_labeledList_fromLabeledXL_cpuBudgetLong"} <= set(two_stage)  # third, last: restart controls
     for name, cls in two_stage.items():
         source = trainers[cls.source_trainer]
-        baseline = trainers.get(cls.source_trainer + "Double")
-        assert baseline is not None, f"{name}: no {cls.source_trainer}Double"
+        baseline_name = cls.source_trainer + ("PlusLong" if cls.source_trainer.endswith("_cpuBudgetXL") else "Double")
+        baseline = trainers.get(baseline_name)
+        assert baseline is not None, f"{name}: no {baseline_name}"
         assert steps(baseline) == steps(source) + steps(cls), name
         family = source.__bases__[-1]  # the trainer the source's budget mixin was put on
         assert family in baseline.__mro__, name  # the same family (labelled subset included), only longer

@@ -82,3 +82,9 @@ class nnUNetTrainerBCP_labeledList_fromLabeled_cpuBudget(CpuBudgetMixin, nnUNetT
 class nnUNetTrainerBCP_labeledList_fromLabeled_cpuBudgetLong(CpuBudgetLongMixin,
                                                              nnUNetTrainerBCP_labeledList_fromLabeled):
     source_trainer = "nnUNetTrainer_labeledList_cpuBudgetLong"
+
+
+class nnUNetTrainerBCP_labeledList_fromLabeledXL_cpuBudgetLong(CpuBudgetLongMixin,
+                                                               nnUNetTrainerBCP_labeledList_fromLabeled):
+    """ACDC's two-stage run: 1000 steps of self-training from a 3000-step labelled-only source."""
+    source_trainer = "nnUNetTrainer_labeledList_cpuBudgetXL"

@@ -85,3 +85,9 @@ class nnUNetTrainerMPERSemi_labeledList_fromLabeled_cpuBudget(CpuBudgetMixin,
 class nnUNetTrainerMPERSemi_labeledList_fromLabeled_cpuBudgetLong(CpuBudgetLongMixin,
                                                                   nnUNetTrainerMPERSemi_labeledList_fromLabeled):
     source_trainer = "nnUNetTrainer_labeledList_cpuBudgetLong"
+
+
+class nnUNetTrainerMPERSemi_labeledList_fromLabeledXL_cpuBudgetLong(CpuBudgetLongMixin,
+                                                                    nnUNetTrainerMPERSemi_labeledList_fromLabeled):
+    """ACDC's two-stage run: 1000 steps of self-training from a 3000-step labelled-only source."""
+    source_trainer = "nnUNetTrainer_labeledList_cpuBudgetXL"

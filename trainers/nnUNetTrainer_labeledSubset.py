@@ -9,7 +9,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_proto.semi.labeled_subset import LABELED_LIST_FILE
 from nnunetv2_proto.training.budgets import (CpuBudgetDoubleMixin, CpuBudgetLongDoubleMixin, CpuBudgetLongMixin,
-                                             CpuBudgetMixin)
+                                             CpuBudgetMixin, CpuBudgetXLMixin, CpuBudgetXLPlusLongMixin)
 from nnunetv2_proto.training.initial_weights import StartFromTrainedModelMixin
 from nnunetv2_proto.training.semi_supervised import LabeledSubsetMixin
 
@@ -55,6 +55,11 @@ class nnUNetTrainer_labeledList_cpuBudgetLong(CpuBudgetLongMixin, nnUNetTrainer_
     """The ACDC labelled-patient baseline (and the two-stage source) at the long CPU budget."""
 
 
+class nnUNetTrainer_labeledList_cpuBudgetXL(CpuBudgetXLMixin, nnUNetTrainer_labeledList):
+    """The ACDC labelled-patient baseline (and two-stage source) at 3000 steps: at 1000, 2D ACDC's right
+    ventricle is still unlearnt in some seeds, so a source that short would leave the teacher a class short."""
+
+
 class nnUNetTrainer_8labeled_cpuBudgetDouble(CpuBudgetDoubleMixin, nnUNetTrainer_8labeled):
     """The labelled-only baseline of the two-stage ``..._8labeled_fromLabeled_cpuBudget`` runs: their source
     (``nnUNetTrainer_8labeled_cpuBudget``) and their self-training together take these 400 steps."""
@@ -70,6 +75,10 @@ class nnUNetTrainer_labeledList_cpuBudgetDouble(CpuBudgetDoubleMixin, nnUNetTrai
 
 class nnUNetTrainer_labeledList_cpuBudgetLongDouble(CpuBudgetLongDoubleMixin, nnUNetTrainer_labeledList):
     """The same for ``..._labeledList_fromLabeled_cpuBudgetLong`` (2000 steps)."""
+
+
+class nnUNetTrainer_labeledList_cpuBudgetXLPlusLong(CpuBudgetXLPlusLongMixin, nnUNetTrainer_labeledList):
+    """The same for ``..._labeledList_fromLabeledXL_cpuBudgetLong`` (3000 + 1000 steps)."""
 
 
 # The restart control of the two-stage protocol: the second stage of a ``..._fromLabeled`` run without the
@@ -98,3 +107,7 @@ class nnUNetTrainer_labeledList_fromLabeled_cpuBudget(CpuBudgetMixin, nnUNetTrai
 
 class nnUNetTrainer_labeledList_fromLabeled_cpuBudgetLong(CpuBudgetLongMixin, nnUNetTrainer_labeledList_fromLabeled):
     source_trainer = "nnUNetTrainer_labeledList_cpuBudgetLong"
+
+
+class nnUNetTrainer_labeledList_fromLabeledXL_cpuBudgetLong(CpuBudgetLongMixin, nnUNetTrainer_labeledList_fromLabeled):
+    source_trainer = "nnUNetTrainer_labeledList_cpuBudgetXL"

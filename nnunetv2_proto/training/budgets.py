@@ -10,7 +10,8 @@ three times that again (2D ACDC at 1000 steps still misses the right ventricle i
 ``_cpuBudgetDouble`` / ``_cpuBudgetLongDouble`` variants train twice ``_cpuBudget`` /
 ``_cpuBudgetLong``: they are the baselines of the two-stage (``_from...``) trainers, whose source run
 and own run each take one budget, so the fair baseline of ``<X>_from<Source>_cpuBudget`` is
-``<Source>_cpuBudgetDouble``.
+``<Source>_cpuBudgetDouble``. ``_cpuBudgetXLPlusLong`` (4000 steps) is the same for the two-stage runs
+that start from an XL source and train one long budget themselves (``..._fromLabeledXL_cpuBudgetLong``).
 The mixin also times the training phase of each epoch (iterations only, not validation) and
 writes ``training_timing.json`` next to the checkpoints, which is where the demo's and
 benchmarks' seconds-per-iteration figures come from.
@@ -112,6 +113,16 @@ class CpuBudgetLongDoubleMixin(CpuBudgetLongMixin):
     """Source + own steps of a two-stage run at ``_cpuBudgetLong`` (2000)."""
 
     budget_epochs = 2 * LONG_CPU_BUDGET_EPOCHS
+
+
+class CpuBudgetXLPlusLongMixin(CpuBudgetMixin):
+    """Source + own steps of a two-stage run from an ``_cpuBudgetXL`` source whose own stage is
+    ``_cpuBudgetLong`` (``..._fromLabeledXL_cpuBudgetLong``; 4000 steps). 2D ACDC's labelled-only source
+    needs XL to learn every structure, while a semi-supervised stage of XL length would cost about
+    3.5 h per run on 2 CPU cores."""
+
+    budget_epochs = XL_CPU_BUDGET_EPOCHS + LONG_CPU_BUDGET_EPOCHS
+    budget_iterations_per_epoch = LONG_CPU_BUDGET_ITERATIONS_PER_EPOCH
 
 
 class SemiSupervisedCpuBudgetMixin(CpuBudgetMixin):
